@@ -1,0 +1,109 @@
+"""The ``normbench`` command line. Thin: parse, load the config, call the library, print, exit.
+
+Exit statuses: 0 success; 1 a run diverged or failed; 2 a user mistake (one line on stderr,
+never a traceback); 130 / 143 interrupted by SIGINT / SIGTERM (checkpoint written).
+Heavy modules (torch) are imported inside the commands so that ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from normbench import __version__
+from normbench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure BatchNorm and its alternatives across small batch sizes on CIFAR-10.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage the CIFAR-10 data set.")
+app.add_typer(data_app, name="data")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit (status 2 for user mistakes)."""
+    typer.echo(f"normbench: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"normbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """normbench: train CIFAR-10 ResNets with many normalizations and compare them."""
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: a.b=value (value is YAML). Repeatable."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and build the model; no training."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard any previous results of this config and start over."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (plain log lines only)."),
+) -> None:
+    """Train one run; resume it if it was interrupted; skip it if it already completed."""
+    try:
+        from normbench.config import dump_config, load_config
+
+        cfg = load_config(config, set_)
+        if print_config:
+            typer.echo(dump_config(cfg), nl=False)
+            return
+        if dry_run:
+            from normbench.engine import dry_run as do_dry_run
+
+            typer.echo(do_dry_run(cfg))
+            return
+        from normbench.engine import train as run_training
+        from normbench.progress import make_progress, print_summary
+
+        summary = run_training(cfg, fresh=fresh, progress=make_progress(no_progress))
+    except UserError as err:
+        fail(str(err))
+        return
+    print_summary(summary)
+    if "exit_code" in summary:
+        raise typer.Exit(summary["exit_code"])
+    if summary["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    root: Optional[Path] = typer.Option(None, "--root", help="Data folder (default $NORMBENCH_DATA or ~/.cache/normbench/data)."),
+    no_download: bool = typer.Option(False, "--no-download", help="Skip torchvision's download; decode the mirror."),
+) -> None:
+    """Make CIFAR-10 available: download it, or decode the bundled offline mirror."""
+    try:
+        from normbench.config import DataConfig
+        from normbench.data import FOLDER, ensure_cifar10
+
+        cfg = DataConfig(root=str(root) if root else None)
+        folder, source = ensure_cifar10(cfg.resolved_root(), allow_download=not no_download,
+                                        log=lambda m: typer.echo(m, err=True))
+    except UserError as err:
+        fail(str(err))
+        return
+    typer.echo(f"CIFAR-10 ready in {folder} (source: {source})")
+
+
+# Commands of other modules register themselves on `app` (each keeps its imports lazy).
+from normbench import cli_sweep, cli_analysis  # noqa: E402,F401
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

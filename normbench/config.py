@@ -1,0 +1,319 @@
+"""Run configuration: pydantic models, YAML loading, ``--set`` overrides and the config hash.
+
+A config is a value: it is resolved (base files merged, overrides applied, defaults filled),
+validated with ``extra="forbid"`` everywhere, and written to the run dir before the first
+step. Every mistake becomes one :class:`~normbench.errors.UserError` line that names the
+dotted key, what was given and what is allowed.
+
+This module must stay free of torch imports at module level (``normbench --help`` is fast);
+the norm-kind check imports the registry lazily.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from normbench.errors import UserError, did_you_mean
+
+ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+CLIP_MODES = ("none", "norm", "value", "dynamic", "agc")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+DEFAULT_DATA_ROOT = "~/.cache/normbench/data"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Optional[str] = None  # None: $NORMBENCH_DATA, else ~/.cache/normbench/data
+    train_subset: Optional[int] = Field(None, ge=10, le=50000)
+    augment: bool = True
+    allow_download: bool = True  # try torchvision's download before the bundled mirror
+
+    def resolved_root(self) -> Path:
+        root = self.root or os.environ.get("NORMBENCH_DATA") or DEFAULT_DATA_ROOT
+        return Path(root).expanduser()
+
+
+class ModelConfig(_Section):
+    arch: Literal[ARCHS] = "resnet20"  # type: ignore[valid-type]
+    width: float = Field(1.0, gt=0, le=16)
+
+
+class NormConfig(_Section):
+    kind: str = "bn"
+    eps: Optional[float] = Field(None, gt=0, le=1)  # None: the scheme's own default
+    momentum: float = Field(0.1, gt=0, le=1)  # running-statistics rate of BN-style layers
+    groups: Optional[int] = Field(None, ge=1)  # GN / EvoNorm groups; default 8
+    group_size: Optional[int] = Field(None, ge=1)  # channels per group (instead of groups)
+    zero_init_last: bool = False  # gamma = 0 for the last norm of each residual block
+    # Ghost BatchNorm
+    ghost_batch_size: int = Field(16, ge=1)
+    running_stats: Literal["per_step", "per_chunk"] = "per_step"
+    # FRN
+    learn_eps: bool = False
+    # Batch Renormalization: plain BN for brn_warmup_epochs, then r_max / d_max rise
+    # linearly to their final values, reached at brn_r_max_epochs / brn_d_max_epochs.
+    r_max: float = Field(3.0, ge=1)
+    d_max: float = Field(5.0, ge=0)
+    brn_warmup_epochs: float = Field(0.5, ge=0)
+    brn_r_max_epochs: float = Field(2.0, ge=0)
+    brn_d_max_epochs: float = Field(1.5, ge=0)
+    renorm_momentum: float = Field(0.01, gt=0, le=1)
+    # NF-ResNet
+    nf_alpha: float = Field(0.2, gt=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from normbench.norms import available_norms  # lazy: imports torch
+
+        names = available_norms()
+        if value not in names:
+            raise ValueError(f"unknown norm '{value}'{did_you_mean(value, names)}; allowed: {', '.join(names)}")
+        return value
+
+    @model_validator(mode="after")
+    def _groups_xor_size(self) -> "NormConfig":
+        if self.groups is not None and self.group_size is not None:
+            raise ValueError("set norm.groups or norm.group_size, not both")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.1, gt=0)  # at base_batch_size; scaled linearly with the batch
+    base_batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    no_decay_norm_bias: bool = False  # exclude norm parameters and biases from weight decay
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)  # steps between host reads of the metrics
+    channels_last: Literal["auto", True, False] = "auto"
+
+
+class ClipConfig(_Section):
+    mode: Literal[CLIP_MODES] = "none"  # type: ignore[valid-type]
+    max_norm: float = Field(1.0, gt=0)
+    max_value: float = Field(1.0, gt=0)
+    alpha: float = Field(1.5, gt=0)  # dynamic: threshold = alpha * mean(last window norms) + beta
+    beta: float = Field(0.0, ge=0)
+    window: int = Field(50, ge=1)
+    agc_lambda: float = Field(0.01, gt=0)
+    agc_eps: float = Field(1e-3, gt=0)
+
+
+class LogConfig(_Section):
+    out_dir: str = "runs"
+    tensorboard: bool = True
+
+
+class AnalysisConfig(_Section):
+    probe_every: Optional[int] = Field(None, ge=1)  # loss-landscape probe; None = off
+    probe_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    dead_units: bool = False
+    hist_every: Optional[int] = Field(None, ge=1)
+    train_mode_eval: bool = True  # test accuracy with batch statistics, for BN-like norms
+
+
+class RunConfig(_Section):
+    name: Optional[str] = None  # None: "<norm>-b<batch>"
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    threads: Optional[int] = Field(None, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    norm: NormConfig = Field(default_factory=NormConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not _NAME_RE.match(value) or ".." in value):
+            raise ValueError("a run name uses letters, digits and . _ - + = only, no '/' and no '..'")
+        return value
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.norm.kind}-b{self.train.batch_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        """8 hex digits over everything that changes the result (not log, data root, threads)."""
+        body = self.to_dict()
+        for key in ("name", "log", "threads"):
+            body.pop(key, None)
+        body["data"].pop("root", None)
+        body["data"].pop("allow_download", None)
+        blob = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_dir(self) -> Path:
+        return Path(self.log.out_dir).expanduser() / f"{self.run_name}-{self.config_hash()}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` a file; any problem becomes one line naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"YAML syntax error in {path}{where}: {problem}") from None
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """Return base updated by top, merging nested dicts key by key."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config_dict(path: Path, _seen: tuple = ()) -> dict:
+    """Read a config file as a dict, following its optional ``base:`` chain (relative paths)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UserError(f"config 'base' chain loops back to {path}")
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"base: got {base!r}; allowed: a path to another config file")
+    return deep_merge(load_config_dict(path.parent / base, _seen + (path,)), raw)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``a.b=value`` strings (value as YAML) into {dotted key: value}; conflicts are errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", key):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. norm.kind=gn")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: value {text!r} is not valid YAML") from None
+        if key in out and out[key] != value:
+            raise UserError(f"--set {key} given twice with different values: {out[key]!r} and {value!r}")
+        out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Set each dotted key in a copy of ``raw``; a non-section on the path is an error."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise UserError(f"--set {dotted}: '{where}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The field names valid at the parent of ``loc``."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line for the first error: dotted key, what was given, what is allowed."""
+    errors = err.errors()
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if isinstance(p, str))
+    key = ".".join(loc) or "(top level)"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = did_you_mean(loc[-1], allowed)
+        return f"{source}: unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}{more}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if first["type"] == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        given = first.get("input")
+        msg = f"allowed: {expected}{did_you_mean(given, re.findall(chr(39) + '([^' + chr(39) + ']+)' + chr(39), expected))}"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f"got {given!r}; "
+    return f"{source}: {key}: {shown}{msg}{more}"
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def load_config(path: Optional[Path], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Resolve a run config: file (with base chain), then ``--set`` overrides, then validation."""
+    raw = load_config_dict(Path(path)) if path is not None else {}
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    return validate_config(raw, source=str(path) if path else "config")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

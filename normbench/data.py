@@ -1,0 +1,308 @@
+"""CIFAR-10: locate, download or decode the bundled mirror, load to memory, augment in batches.
+
+The one format read is the official "CIFAR-10 python version" layout
+(``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``). Lookup order:
+
+1. ``data.root`` (default ``$NORMBENCH_DATA`` or ``~/.cache/normbench/data``) already has it;
+2. torchvision's download (official md5), which fails fast when offline;
+3. the bundled JPEG mirror ``data/cifar10-jpeg.npz`` decoded the way its ``prepare.py``
+   does (every file written then renamed), recorded as ``data_source: mirror``.
+
+Every load checks each file's md5 against the official release or against the manifest
+that normbench wrote when it produced the files (mirror or synthetic data), so a truncated
+or altered batch is reported, never used.
+
+Training batches come from uint8 tensors held in memory (on the training device) with a
+per-sample random crop (zero padding 4) and horizontal flip done as one batched gather: no
+per-image Python, no DataLoader. The order and the augmentation of every epoch derive from
+(seed, epoch) alone, so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from normbench.errors import UserError
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+ALL_FILES = TRAIN_FILES + TEST_FILES + ["batches.meta"]
+MANIFEST = "normbench-manifest.json"
+MIRROR = Path(__file__).resolve().parent.parent / "data" / "cifar10-jpeg.npz"
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def official_md5s() -> dict[str, str]:
+    """The official release's sums, as torchvision lists them."""
+    from torchvision.datasets import CIFAR10
+
+    sums = {name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list}
+    sums[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
+    return sums
+
+
+def _atomic_write_bytes(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, source: str) -> None:
+    """Record where the files in ``folder`` came from, with their md5 sums."""
+    sums = {name: md5_of(folder / name) for name in ALL_FILES}
+    _atomic_write_bytes(folder / MANIFEST, json.dumps({"source": source, "md5": sums}, indent=1).encode())
+
+
+def verify(folder: Path) -> str:
+    """Check every file's md5; return the data source ('official', 'mirror', ...)."""
+    missing = [name for name in ALL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"CIFAR-10 file {folder / missing[0]} is missing; run `normbench data prepare` "
+                        f"or delete {folder} to rebuild it")
+    sums = {name: md5_of(folder / name) for name in ALL_FILES}
+    if sums == official_md5s():
+        return "official"
+    manifest_path = folder / MANIFEST
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"data manifest {manifest_path} is unreadable; delete {folder} and run "
+                            "`normbench data prepare`") from None
+    expected = manifest.get("md5") or official_md5s()
+    for name in ALL_FILES:
+        if sums[name] != expected.get(name):
+            raise UserError(f"CIFAR-10 file {folder / name} is corrupt (md5 {sums[name]} matches neither the "
+                            f"official release nor {MANIFEST}); delete {folder} and run `normbench data prepare`")
+    return str(manifest.get("source", "unknown"))
+
+
+def _try_download(root: Path) -> bool:
+    """torchvision's download with the official md5; False (quickly) when offline."""
+    from torchvision.datasets import CIFAR10
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        CIFAR10(str(root), train=True, download=True)
+        return True
+    except Exception:  # noqa: BLE001 - any network or checksum failure means "use the mirror"
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def decode_mirror(root: Path, mirror: Path = MIRROR) -> Path:
+    """Decode the bundled JPEG mirror into ``root/cifar-10-batches-py`` with its prepare.py."""
+    if not mirror.is_file():
+        raise UserError(f"no CIFAR-10 under {root} and the bundled mirror {mirror} is missing; "
+                        "download 'CIFAR-10 python version' into that folder")
+    spec = importlib.util.spec_from_file_location("_normbench_prepare", mirror.parent / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)  # type: ignore[union-attr]
+    try:
+        folder = Path(prepare.prepare(root))
+    except OSError as err:
+        raise UserError(f"cannot write CIFAR-10 into {root}: {err.strerror}") from None
+    write_manifest(folder, "mirror")
+    return folder
+
+
+def ensure_cifar10(root: Path, allow_download: bool = True, log=print) -> tuple[Path, str]:
+    """Return (folder, source), fetching or decoding the data set first when it is absent."""
+    root = Path(root).expanduser()
+    folder = root / FOLDER
+    if not all((folder / name).is_file() for name in ALL_FILES):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"data.root {root} cannot be created: {err.strerror}") from None
+        if not os.access(root, os.W_OK):
+            raise UserError(f"data.root {root} is not writable and has no CIFAR-10 in it")
+        if allow_download:
+            log(f"CIFAR-10 not found in {root}; trying torchvision's download")
+        if allow_download and _try_download(root):
+            log("downloaded the official CIFAR-10 release")
+        else:
+            log(f"offline: decoding the bundled mirror {MIRROR.name} into {root} (about 10 s)")
+            decode_mirror(root)
+    return folder, verify(folder)
+
+
+def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    except Exception as err:  # noqa: BLE001 - any decoding problem is a corrupt file
+        raise UserError(f"CIFAR-10 file {path} cannot be read ({type(err).__name__}); delete it and run "
+                        "`normbench data prepare`") from None
+    if len(data) != len(labels):
+        raise UserError(f"CIFAR-10 file {path} has {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def load_split(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [_load_batch(folder / name) for name in (TRAIN_FILES if train else TEST_FILES)]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of ``n`` samples with classes as equal as possible (fixed, seed-independent)."""
+    classes = int(labels.max()) + 1
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(12345))
+    per_class = [order[labels[order] == c] for c in range(classes)]
+    quota = [n // classes + (1 if c < n % classes else 0) for c in range(classes)]
+    picked = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
+    return picked.sort().values
+
+
+@dataclass
+class Cifar10:
+    train_x: torch.Tensor  # uint8 (N, 3, 32, 32)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+    def to(self, device: torch.device) -> "Cifar10":
+        return Cifar10(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                       self.test_y.to(device), self.source)
+
+
+def load_cifar10(data_cfg, log=print) -> Cifar10:
+    folder, source = ensure_cifar10(data_cfg.resolved_root(), data_cfg.allow_download, log)
+    train_x, train_y = load_split(folder, train=True)
+    test_x, test_y = load_split(folder, train=False)
+    if data_cfg.train_subset is not None:
+        if data_cfg.train_subset > len(train_y):
+            raise UserError(f"data.train_subset: got {data_cfg.train_subset}; the training set has {len(train_y)} images")
+        idx = balanced_subset(train_y, data_cfg.train_subset)
+        train_x, train_y = train_x[idx], train_y[idx]
+    return Cifar10(train_x, train_y, test_x, test_y, source)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class Normalizer:
+    """uint8 images -> float, standardized per channel, in the requested memory format."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x_u8: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, x_u8.to(torch.float32), self.scale)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Per-sample crop at offsets (oy, ox) of the zero-padded image, mirrored where ``flip``.
+
+    One advanced-indexing gather for the whole batch: rows oy..oy+H-1, columns ox..ox+W-1
+    (reversed for flipped samples) of the padded (H + 2 pad, W + 2 pad) images.
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = oy[:, None] + ar_h
+    cols = torch.where(flip[:, None], ox[:, None] + (w - 1) - ar_w, ox[:, None] + ar_w)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + 17) % (2**63))
+
+
+class EpochPlan:
+    """The order and augmentation of one epoch, fixed by (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, augment: bool, device: torch.device):
+        g = epoch_generator(seed, epoch)
+        self.batch_size = batch_size
+        self.steps = n // batch_size  # the last incomplete batch is dropped
+        self.order = torch.randperm(n, generator=g).to(device)
+        offsets = torch.randint(0, 9, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        self.augment = augment
+        self.oy, self.ox = offsets[:, 0].to(device), offsets[:, 1].to(device)
+        self.flip = flips.to(device)
+
+    def batch(self, data: Cifar10, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of batch ``step`` (augmented when enabled)."""
+        sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        idx = self.order[sl]
+        x = data.train_x[idx]
+        if self.augment:
+            x = crop_flip(x, self.oy[sl], self.ox[sl], self.flip[sl])
+        return x, data.train_y[idx]
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def write_cifar_layout(root: Path, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                       test_y: np.ndarray, source: str = "synthetic") -> Path:
+    """Write arrays in the official layout (5 train batches + test) with a manifest. For tests."""
+    folder = Path(root) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = np.array_split(np.arange(len(train_y)), 5)
+    for name, idx in zip(TRAIN_FILES, chunks):
+        entry = {"data": train_x[idx].reshape(len(idx), -1), "labels": [int(v) for v in train_y[idx]]}
+        _atomic_write_bytes(folder / name, pickle.dumps(entry))
+    _atomic_write_bytes(folder / "test_batch", pickle.dumps({"data": test_x.reshape(len(test_x), -1),
+                                                             "labels": [int(v) for v in test_y]}))
+    _atomic_write_bytes(folder / "batches.meta", pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    write_manifest(folder, source)
+    return folder
+
+
+def synthetic_cifar(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> Path:
+    """Learnable synthetic CIFAR-format data: each class has its own colour and stripe pattern."""
+    rng = np.random.default_rng(seed)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        base = rng.integers(0, 60, size=(n, 3, 32, 32))
+        colours = np.array([[(c * 37) % 256, (c * 91) % 256, (c * 53) % 256] for c in range(10)])
+        stripes = (np.arange(32)[None, :] // (1 + y[:, None] % 4)) % 2  # (n, 32)
+        img = base + 0.6 * colours[y][:, :, None, None] * stripes[:, None, :, None]
+        return np.clip(img, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    train_x, train_y = make(n_train)
+    test_x, test_y = make(n_test)
+    return write_cifar_layout(Path(root), train_x, train_y, test_x, test_y)

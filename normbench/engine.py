@@ -1,0 +1,477 @@
+"""One training run: data, model, SGD with a scaled LR schedule, clipping, eval, checkpoints.
+
+``train(cfg)`` is the library entry point behind ``normbench train`` and every sweep cell.
+It returns the run's summary (also written to ``summary.json``). Guarantees:
+
+* a config whose run already completed is not trained again (unless ``fresh``);
+* a run with a checkpoint resumes from it and ends bit-identical (weights and metrics) to an
+  uninterrupted run on the same device and thread count: batches derive from (seed, epoch),
+  the LR from the step, and the logging accumulators travel in the checkpoint;
+* the step is free of host syncs: loss, accuracy and clip statistics stay on the device and
+  are read once per ``train.log_every`` steps;
+* a non-finite loss or gradient norm ends the run as ``diverged`` with the first bad step;
+  the last good checkpoint is kept;
+* SIGINT / SIGTERM write a checkpoint and end the run as ``interrupted`` (a second SIGINT
+  exits at once; atomic writes keep every file whole).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.config import RunConfig, dump_config
+from normbench.errors import UserError
+from normbench.tracking import RunDir, TensorBoardLog, git_commit
+
+INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device: got '{spec}' but CUDA is not available on this machine; use device=cpu or auto")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device: got '{spec}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if spec == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("device: got 'mps' but MPS is not available on this machine; use device=cpu or auto")
+    return torch.device(spec)
+
+
+def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    if cfg.train.channels_last != "auto":
+        return bool(cfg.train.channels_last)
+    from normbench.norms import get_scheme
+
+    return get_scheme(cfg.norm.kind).prefers_channels_last
+
+
+def lr_at(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear scaling (Goyal et al. 2017): peak = lr * batch / base_batch_size; linear
+    warm-up over ``warmup_epochs`` then cosine decay to 0 (or constant)."""
+    peak = cfg.optim.lr * cfg.train.batch_size / cfg.optim.base_batch_size
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.optim.schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def is_no_decay(name: str, param: nn.Parameter, norm_param_names: set[str]) -> bool:
+    return param.ndim <= 1 or name in norm_param_names
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (nesterov optional); weight decay optionally skips norms and biases."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optim.no_decay_norm_bias:
+        decay = [p for n, p in params if p.ndim > 1]
+        no_decay = [p for n, p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in params], "weight_decay": cfg.optim.weight_decay}]
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0, foreach=True)
+
+
+def preflight(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    """One forward at the run's batch size on a copy of the model: shape errors surface now."""
+    import copy
+
+    probe = copy.deepcopy(model).to(device).train()
+    with torch.no_grad():
+        probe(torch.zeros(cfg.train.batch_size, 3, 32, 32, device=device))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False) -> dict:
+    """Test loss and accuracy over the whole test set. ``train_mode`` uses each test batch's
+    own statistics (BN-like layers) without touching the running statistics."""
+    saved = None
+    if train_mode:
+        saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model.train(train_mode)
+    loss_sum = torch.zeros((), device=data.test_y.device)
+    correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
+    n = len(data.test_y)
+    usable = n - (n % batch_size) if train_mode and n >= batch_size else n
+    for start in range(0, usable, batch_size):
+        x = normalize(data.test_x[start:start + batch_size])
+        y = data.test_y[start:start + batch_size]
+        out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    if saved is not None:
+        model.load_state_dict(saved, strict=False)
+    model.train()
+    return {"loss": loss_sum.item() / usable, "acc": correct.item() / usable}
+
+
+def buffers_finite(model: nn.Module) -> Optional[str]:
+    """Name of the first buffer (e.g. a BN running variance) that is not finite, or None."""
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not torch.isfinite(buf).all():
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second SIGINT exits now."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    @contextmanager
+    def installed(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in INTERRUPT_EXIT}
+
+        def handler(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                os._exit(130)  # second Ctrl-C: every file on disk is whole (atomic writes)
+            self.signum = signum
+
+        for s in INTERRUPT_EXIT:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI uses to draw progress; the defaults do nothing."""
+
+    def start(self, run_name: str, total_steps: int, done_steps: int, steps_per_epoch: int) -> None: ...
+    def update(self, step: int, metrics: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_acc: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    images_seen_timed: int = 0
+    train_time_s: float = 0.0
+    clipped_sum: float = 0.0
+    clip_steps: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress):
+        from normbench.clip import make_clipper
+        from normbench.data import EpochPlan, Normalizer, load_cifar10
+        from normbench.models import build_model
+
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+        preflight(cfg, model, self.device)
+        self.channels_last = use_channels_last(cfg, self.device)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.data = load_cifar10(cfg.data, log=progress.message).to(self.device)
+        if len(self.data.train_y) < cfg.train.batch_size:
+            raise UserError(f"train.batch_size: got {cfg.train.batch_size}; the training set has only "
+                            f"{len(self.data.train_y)} images")
+        self.normalize = Normalizer(self.device, self.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.clipper = make_clipper(cfg.clip, self.model)
+        self.steps_per_epoch = len(self.data.train_y) // cfg.train.batch_size
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.progress_modules = [m for m in self.model.modules() if hasattr(m, "set_progress")]
+        from normbench.analysis import make_analysis
+
+        self.analysis = make_analysis(cfg, self)  # None unless an analysis.* option is on
+        self._plan_cls = EpochPlan
+        self.state = RunState()
+        self._buffers: dict[str, list] = {"loss": [], "correct": [], "norm": [], "clipped": [], "threshold": []}
+        self._buffer_start = 0
+        self._interval_t0 = time.perf_counter()
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        pending = {k: (torch.stack(v).cpu() if v else torch.zeros(0)) for k, v in self._buffers.items()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "clipper": self.clipper.state_dict(),
+            "state": {k: (v if not isinstance(v, dict) else dict(v)) for k, v in self.state.__dict__.items()},
+            "rng": rng,
+            "pending": pending,
+            "analysis": self.analysis.state_dict() if self.analysis is not None else {},
+            "buffer_start": self._buffer_start,
+            "metrics_size": self.run_dir.metrics_size(),
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.clipper.load_state_dict(ckpt["clipper"])
+        for k, v in ckpt["state"].items():
+            setattr(self.state, k, v)
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self._buffers = {k: [t.to(self.device) for t in v] for k, v in ckpt["pending"].items()}
+        if self.analysis is not None:
+            self.analysis.load_state_dict(ckpt.get("analysis", {}))
+        self._buffer_start = ckpt["buffer_start"]
+        self.run_dir.truncate_metrics(ckpt["metrics_size"])
+
+    def save(self) -> None:
+        self.run_dir.save_checkpoint(self.checkpoint_state())
+
+    # -- logging ---------------------------------------------------------------------------
+    def flush(self, tb: TensorBoardLog, epoch_float: float) -> Optional[int]:
+        """Read the accumulated step metrics once; return the first non-finite step, if any."""
+        if not self._buffers["loss"]:
+            return None
+        losses = torch.stack(self._buffers["loss"]).float()
+        norms = torch.stack(self._buffers["norm"]).float()
+        bad = ~(torch.isfinite(losses) & torch.isfinite(norms))
+        correct = torch.stack(self._buffers["correct"]).sum()
+        clipped = torch.stack(self._buffers["clipped"]).float()
+        n = len(self._buffers["loss"])
+        stats = torch.stack([losses.mean(), correct.float(), norms.mean(), clipped.mean(), clipped.sum(),
+                             self._buffers["threshold"][-1].float(), bad.any().float()]).tolist()
+        first_bad = self._buffer_start + int(bad.nonzero()[0, 0]) if stats[6] else None
+        elapsed = time.perf_counter() - self._interval_t0
+        batch = self.cfg.train.batch_size
+        record = {
+            "step": self._buffer_start + n, "epoch": round(epoch_float, 4),
+            "train/loss": stats[0], "train/acc": stats[1] / (n * batch),
+            "opt/lr": self.optimizer.param_groups[0]["lr"],
+            "grad/norm": stats[2], "grad/threshold": stats[5], "grad/clipped_frac": stats[3],
+            "perf/images_per_s": n * batch / elapsed if elapsed > 0 else float("nan"),
+        }
+        self.state.clipped_sum += stats[4]
+        self.state.clip_steps += n
+        self.state.images_seen_timed += n * batch
+        self.state.train_time_s += elapsed
+        self.run_dir.append_metrics(record)
+        tb.scalars(record["step"], {k: v for k, v in record.items() if "/" in k})
+        self.progress.update(record["step"], record)
+        self._buffers = {k: [] for k in self._buffers}
+        self._buffer_start += n
+        self._interval_t0 = time.perf_counter()
+        return first_bad
+
+    # -- loop ------------------------------------------------------------------------------
+    def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
+        x = self.normalize(x_u8)
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.analysis is not None:
+            self.analysis.after_backward(self, x, y, loss)
+        stats = self.clipper()
+        self.optimizer.step()
+        b = self._buffers
+        b["loss"].append(loss.detach())
+        b["correct"].append((out.detach().argmax(1) == y).sum())
+        b["norm"].append(stats.norm)
+        b["clipped"].append(stats.clipped_frac)
+        b["threshold"].append(stats.threshold)
+
+    def run(self, stop: StopFlag) -> dict:
+        cfg, st = self.cfg, self.state
+        tb = TensorBoardLog(self.run_dir.tb, cfg.log.tensorboard, purge_step=st.step or None)
+        self.progress.start(cfg.run_name, self.total_steps, st.step, self.steps_per_epoch)
+        t_start = time.perf_counter() - st.wall_time_s
+        self._interval_t0 = time.perf_counter()
+        status, diverged_step, note = "completed", None, None
+        try:
+            while st.step < self.total_steps:
+                epoch, in_epoch = divmod(st.step, self.steps_per_epoch)
+                plan = self._plan_cls(len(self.data.train_y), cfg.train.batch_size, cfg.seed, epoch,
+                                      cfg.data.augment, self.device)
+                self.model.train()
+                for i in range(in_epoch, self.steps_per_epoch):
+                    lr = lr_at(cfg, st.step, self.total_steps, self.steps_per_epoch)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    for m in self.progress_modules:
+                        m.set_progress(st.step / self.steps_per_epoch)
+                    self.train_step(*plan.batch(self.data, i))
+                    st.step += 1
+                    if len(self._buffers["loss"]) >= cfg.train.log_every or i == self.steps_per_epoch - 1:
+                        diverged_step = self.flush(tb, st.step / self.steps_per_epoch)
+                        if diverged_step is not None:
+                            break
+                    if stop.signum is not None:
+                        break
+                if diverged_step is not None:
+                    status, note = "diverged", f"non-finite loss or gradient at step {diverged_step}"
+                    break
+                if stop.signum is not None:
+                    st.wall_time_s = time.perf_counter() - t_start
+                    self.save()
+                    status = "interrupted"
+                    break
+                epoch_done = st.step // self.steps_per_epoch
+                if epoch_done % cfg.train.eval_every == 0 or st.step >= self.total_steps:
+                    bad_buffer = buffers_finite(self.model)
+                    if bad_buffer is not None:
+                        status, diverged_step = "diverged", st.step
+                        note = f"buffer {bad_buffer} is not finite after step {st.step}"
+                        break
+                    result = evaluate(self.model, self.data, self.normalize, cfg.train.eval_batch_size)
+                    st.last_eval = {"epoch": epoch_done, **result}
+                    st.best_acc = max(st.best_acc, result["acc"])
+                    record = {"step": st.step, "epoch": epoch_done, "test/loss": result["loss"], "test/acc": result["acc"]}
+                    self.run_dir.append_metrics(record)
+                    tb.scalars(st.step, {"test/loss": result["loss"], "test/acc": result["acc"]})
+                    self.progress.message(f"epoch {epoch_done}: test acc {result['acc']:.4f}, loss {result['loss']:.4f}")
+                if self.analysis is not None:
+                    self.analysis.on_epoch_end(self, epoch_done, tb)
+                st.wall_time_s = time.perf_counter() - t_start
+                self.save()
+                self._interval_t0 = time.perf_counter()
+        finally:
+            self.progress.finish()
+        st.wall_time_s = time.perf_counter() - t_start
+        summary = self.summary(status, diverged_step, note)
+        if self.analysis is not None and status == "completed":
+            summary.update(self.analysis.on_finish(self, tb))
+        if status in ("completed", "diverged"):
+            tb.hparams(hparams_of(cfg), {"hparam/test_acc": summary["final_test_acc"] or float("nan"),
+                                         "hparam/best_test_acc": summary["best_test_acc"] or float("nan")})
+        tb.close()
+        self.run_dir.write_summary(summary)
+        return summary
+
+    def summary(self, status: str, diverged_step: Optional[int], note: Optional[str]) -> dict:
+        st = self.state
+        done = status == "completed"
+        return {
+            "status": status,
+            "run_name": self.cfg.run_name,
+            "run_id": self.cfg.config_hash(),
+            "final_test_acc": st.last_eval.get("acc") if done else None,
+            "final_test_loss": st.last_eval.get("loss") if done else None,
+            "best_test_acc": st.best_acc if st.last_eval else None,
+            "last_eval": st.last_eval or None,
+            "train_eval_gap": None,
+            "steps": st.step,
+            "total_steps": self.total_steps,
+            "epochs": st.step / self.steps_per_epoch,
+            "diverged_step": diverged_step,
+            "note": note,
+            "clipped_frac": st.clipped_sum / st.clip_steps if st.clip_steps else None,
+            "wall_time_s": st.wall_time_s,
+            "images_per_s": st.images_seen_timed / st.train_time_s if st.train_time_s else None,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "channels_last": self.channels_last,
+            "torch_version": torch.__version__,
+            "data_source": self.data.source,
+            "train_size": len(self.data.train_y),
+            "git_commit": git_commit(),
+            "config": self.cfg.to_dict(),
+        }
+
+
+def hparams_of(cfg: RunConfig) -> dict:
+    return {"norm": cfg.norm.kind, "batch_size": cfg.train.batch_size, "clip": cfg.clip.mode,
+            "lr": cfg.optim.lr, "epochs": cfg.train.epochs, "seed": cfg.seed, "arch": cfg.model.arch}
+
+
+def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = None) -> dict:
+    """Train one run (or resume it, or return its summary if it already completed)."""
+    progress = progress or Progress()
+    run_dir = RunDir(cfg.run_dir())
+    run_dir.create()
+    if fresh:
+        run_dir.wipe()
+    else:
+        existing = run_dir.read_summary()
+        if existing is not None and existing.get("status") == "completed":
+            progress.message(f"{run_dir.path} already completed; not training again (use --fresh to redo)")
+            return {**existing, "skipped": True}
+    trainer = Trainer(cfg, run_dir, progress)
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is not None:
+        trainer.restore(ckpt)
+        progress.message(f"resuming {run_dir.path.name} from step {trainer.state.step}")
+    else:
+        run_dir.truncate_metrics(0)
+    from normbench.tracking import atomic_write
+
+    atomic_write(run_dir.config, dump_config(cfg).encode())
+    stop = StopFlag()
+    try:
+        with stop.installed():
+            summary = trainer.run(stop)
+    except UserError:
+        raise
+    except Exception:
+        run_dir.error_log.write_text(traceback.format_exc())
+        run_dir.write_summary({**trainer.summary("failed", None, f"see {run_dir.error_log}"), "error_log": str(run_dir.error_log)})
+        raise
+    summary["run_dir"] = str(run_dir.path)
+    if stop.signum is not None:
+        summary["exit_code"] = INTERRUPT_EXIT[stop.signum]
+    return summary
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """Validate everything short of training: device, model (with a forward at the run's
+    batch size), parameter count, run folder. Returns a short human-readable report."""
+    from normbench.models import build_model
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    preflight(cfg, model, device)
+    params = sum(p.numel() for p in model.parameters())
+    return (f"config ok: {cfg.model.arch} with norm '{cfg.norm.kind}', {params:,} parameters, "
+            f"batch {cfg.train.batch_size}, clip '{cfg.clip.mode}', device {device}\n"
+            f"run dir: {cfg.run_dir()}")

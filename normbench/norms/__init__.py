@@ -1,0 +1,125 @@
+"""The normalization registry: a scheme's name -> how to build its layers.
+
+Models never branch on the scheme. They ask the registry for
+
+* ``norm_act(cfg, channels, apply_act, layer)``: the norm and the non-linearity that follows
+  it, as one unit (:class:`NormAct`); FRN pairs with TLU, EvoNorm-S0 carries its own
+  non-linearity, ``none`` is identity + ReLU;
+* ``post_add_act(cfg, channels, layer)``: the non-linearity after a residual add;
+* ``conv(cfg, in_ch, out_ch, kernel, stride)``: the convolution in front of a norm
+  (weight-standardized for ``ws_gn``).
+
+Adding a scheme is one class (in batch.py, sample.py or weight.py) and one ``register`` line
+at the bottom of this file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from normbench.errors import UserError
+
+DEFAULT_GROUPS = 8
+
+
+class NormAct(nn.Module):
+    """A normalization layer followed by its activation (or none when ``act`` is None)."""
+
+    def __init__(self, norm: nn.Module, act: Optional[nn.Module]):
+        super().__init__()
+        self.norm = norm
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(x))
+
+
+def plain_conv(cfg, in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Module:
+    """A bias-free convolution (a norm follows it, so a bias would be redundant)."""
+    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+def relu_after_add(cfg, channels: int, layer: str) -> nn.Module:
+    return nn.ReLU(inplace=True)
+
+
+def resolve_groups(cfg, channels: int, layer: str) -> int:
+    """Number of groups for a group-wise norm at ``channels``; an error names the layer."""
+    if cfg.group_size is not None:
+        if channels % cfg.group_size:
+            raise UserError(f"norm.group_size={cfg.group_size} does not divide the {channels} channels of layer {layer}")
+        return channels // cfg.group_size
+    groups = cfg.groups or DEFAULT_GROUPS
+    if channels % groups:
+        raise UserError(f"norm.groups={groups} does not divide the {channels} channels of layer {layer}")
+    return groups
+
+
+@dataclass(frozen=True)
+class NormScheme:
+    """How one normalization scheme builds its pieces; see the module docstring."""
+
+    name: str
+    norm_act: Callable[..., nn.Module]
+    post_add_act: Callable[..., nn.Module] = relu_after_add
+    conv: Callable[..., nn.Module] = plain_conv
+    batch_dependent: bool = False  # statistics mix samples: train/eval-mode gap applies
+    normalizes: str = ""  # what the statistics are computed over, for docs and reports
+    paper: str = ""
+    default_eps: float = 1e-5
+    prefers_channels_last: bool = True  # CPU speed: channels_last helps convs + BN, slows GN kernels
+
+
+_REGISTRY: dict[str, NormScheme] = {}
+
+
+def register(scheme: NormScheme) -> None:
+    _REGISTRY[scheme.name] = scheme
+
+
+def available_norms() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_scheme(name: str) -> NormScheme:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown norm '{name}'; allowed: {', '.join(_REGISTRY)}") from None
+
+
+def eps_of(cfg) -> float:
+    return cfg.eps if cfg.eps is not None else get_scheme(cfg.kind).default_eps
+
+
+def _relu_if(apply_act: bool) -> Optional[nn.Module]:
+    return nn.ReLU(inplace=True) if apply_act else None
+
+
+# ----------------------------------------------------------------------------- schemes
+from normbench.norms import batch, sample  # noqa: E402  (the layers import the helpers above)
+
+register(NormScheme(
+    "bn",
+    lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
+    batch_dependent=True, normalizes="(B, H, W) per channel", paper="Ioffe & Szegedy 2015"))
+register(NormScheme(
+    "gn",
+    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
+    normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018", prefers_channels_last=False))
+register(NormScheme(
+    "ln",
+    lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg)), _relu_if(act)),
+    normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016", prefers_channels_last=False))
+register(NormScheme(
+    "in",
+    lambda cfg, c, act, layer: NormAct(sample.InstanceNorm2d(c, eps_of(cfg)), _relu_if(act)),
+    normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016",
+    prefers_channels_last=False))
+register(NormScheme(
+    "none",
+    lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),
+    normalizes="nothing (identity)", paper="-"))

@@ -1,0 +1,198 @@
+"""A run's folder on disk: config, metrics, summary, checkpoint, TensorBoard events.
+
+Layout of ``<log.out_dir>/<name>-<config hash>/``::
+
+    config.yaml      the resolved config, written before the first step
+    metrics.jsonl    one JSON object per log interval / evaluation (tags as in DESIGN.md)
+    summary.json     the contract with `normbench report`; written atomically, last
+    checkpoint.pt    model, optimizer, step, RNG and logging state; atomic, self-checksummed
+    tb/              TensorBoard events and hparams
+    error.log        the traceback of a failed run
+
+Every file that is replaced is written to a temporary file in the same folder and renamed
+over the old one, so a killed process never leaves half a file. ``checkpoint.pt`` starts
+with a magic line and the SHA-256 of its payload: a truncated or altered checkpoint is
+reported, never loaded. Checkpoints load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+from normbench.errors import UserError
+
+CHECKPOINT_MAGIC = b"NORMBENCH-CKPT-1 "
+SUMMARY_VERSION = 1
+
+
+def atomic_write(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``path`` via a temp file + fsync + rename in the same folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path.name} in {path.parent}: {err.strerror}") from None
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the normbench checkout this code runs from, if it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_summary(path: Path) -> Optional[dict]:
+    """A run's summary, or None when absent. Unparseable or malformed → UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"summary {path} is corrupt (not valid JSON); rerun with --fresh") from None
+    if not isinstance(summary, dict) or "status" not in summary or "config" not in summary:
+        raise UserError(f"summary {path} is corrupt (missing status/config); rerun with --fresh")
+    return summary
+
+
+class RunDir:
+    """Paths and atomic writers for one run folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+        self.checkpoint = self.path / "checkpoint.pt"
+        self.tb = self.path / "tb"
+        self.error_log = self.path / "error.log"
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create run folder {self.path}: {err.strerror}") from None
+        if not os.access(self.path, os.W_OK):
+            raise UserError(f"run folder {self.path} is not writable")
+
+    def wipe(self) -> None:
+        """Forget all results (``--fresh``)."""
+        for p in (self.metrics, self.summary, self.checkpoint, self.error_log):
+            if p.exists():
+                p.unlink()
+        if self.tb.exists():
+            shutil.rmtree(self.tb)
+
+    def read_summary(self) -> Optional[dict]:
+        return read_summary(self.summary)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary, {"summary_version": SUMMARY_VERSION, **summary})
+
+    # -- metrics -------------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(line)
+        except OSError as err:
+            raise UserError(f"cannot write {self.metrics.name} in {self.path}: {err.strerror}") from None
+
+    def metrics_size(self) -> int:
+        return self.metrics.stat().st_size if self.metrics.exists() else 0
+
+    def truncate_metrics(self, size: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from."""
+        if self.metrics.exists() and self.metrics.stat().st_size > size:
+            with open(self.metrics, "r+b") as f:
+                f.truncate(size)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
+        digest = hashlib.sha256(payload).hexdigest().encode()
+        atomic_write(self.checkpoint, CHECKPOINT_MAGIC + digest + b"\n" + payload)
+
+    def load_checkpoint(self) -> Optional[dict]:
+        """The checkpoint's state dict, or None when there is none; corrupt → UserError."""
+        import torch
+
+        if not self.checkpoint.exists():
+            return None
+        blob = self.checkpoint.read_bytes()
+        head_len = len(CHECKPOINT_MAGIC) + 64 + 1
+        bad = f"checkpoint {self.checkpoint} is corrupt"
+        if len(blob) < head_len or not blob.startswith(CHECKPOINT_MAGIC):
+            raise UserError(f"{bad} (bad header); rerun with --fresh to start over")
+        digest, payload = blob[len(CHECKPOINT_MAGIC): head_len - 1], blob[head_len:]
+        if hashlib.sha256(payload).hexdigest().encode() != digest:
+            raise UserError(f"{bad} (checksum mismatch: truncated or altered); rerun with --fresh to start over")
+        try:
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{bad} ({type(err).__name__}); rerun with --fresh to start over") from None
+
+
+class TensorBoardLog:
+    """TensorBoard scalars and hparams in ``run/tb``; a no-op when disabled."""
+
+    def __init__(self, folder: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if isinstance(value, (int, float)) and value == value:  # skip NaN
+                self.writer.add_scalar(tag, value, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.writer is None:
+            return
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        self.writer.add_hparams(clean, finite, run_name=".")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
