@@ -1,0 +1,115 @@
+"""One run end to end: outputs, resume after a crash, divergence, skipping finished runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from normbench import engine
+from normbench.config import load_config
+from normbench.tracking import RunDir
+
+from conftest import run_cli, tiny_overrides
+
+
+class SimulatedKill(BaseException):
+    """Raised from a progress callback: the process 'dies' mid-epoch, nothing is cleaned up."""
+
+
+class KillAfterStep(engine.Progress):
+    def __init__(self, step):
+        self.step = step
+
+    def update(self, step, metrics):
+        if step >= self.step:
+            raise SimulatedKill()
+
+
+def weights(run_dir):
+    return RunDir(run_dir).load_checkpoint()["model"]
+
+
+def comparable_metrics(run_dir):
+    return [{k: v for k, v in rec.items() if not k.startswith("perf/")} for rec in RunDir(run_dir).read_metrics()]
+
+
+def test_resume_after_kill_is_identical_to_uninterrupted(tiny_cfg, tmp_path):
+    straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), "train.epochs": 3})
+    killed = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), "train.epochs": 3})
+    s1 = engine.train(straight)
+    assert s1["status"] == "completed" and s1["steps"] == 30
+    with pytest.raises(SimulatedKill):
+        engine.train(killed, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
+    assert RunDir(killed.run_dir()).load_checkpoint()["state"]["step"] == 10
+    s2 = engine.train(killed)
+    assert s2["status"] == "completed" and s2["steps"] == 30
+    w1, w2 = weights(straight.run_dir()), weights(killed.run_dir())
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    assert comparable_metrics(straight.run_dir()) == comparable_metrics(killed.run_dir())
+    assert s1["final_test_acc"] == s2["final_test_acc"]
+
+
+def test_completed_run_is_not_trained_again(tiny_cfg):
+    cfg = tiny_cfg(**{"train.epochs": 1})
+    first = engine.train(cfg)
+    again = engine.train(cfg)
+    assert again.get("skipped") and again["final_test_acc"] == first["final_test_acc"]
+    fresh = engine.train(cfg, fresh=True)
+    assert not fresh.get("skipped") and fresh["final_test_acc"] == first["final_test_acc"]
+
+
+def test_lr_schedule_scales_warms_up_and_decays():
+    cfg = load_config(None, ["train.batch_size=32", "optim.lr=0.1", "optim.warmup_epochs=1"])
+    peak = 0.1 * 32 / 128
+    lrs = [engine.lr_at(cfg, s, total_steps=100, steps_per_epoch=10) for s in range(100)]
+    assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
+    assert max(lrs) == pytest.approx(peak) and lrs[-1] < peak * 0.01
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_no_decay_norm_bias_groups():
+    from normbench.models import build_model
+
+    cfg = load_config(None, ["optim.no_decay_norm_bias=true"])
+    opt = engine.build_optimizer(cfg, build_model(cfg))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+def test_cli_end_to_end_writes_every_output(synth_root, tmp_path):
+    out = tmp_path / "runs"
+    sets = tiny_overrides(synth_root, out, **{"train.epochs": 2, "clip.mode": "norm", "name": "e2e"})
+    args = ["train", "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = out.iterdir()
+    assert run_dir.name.startswith("e2e-")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["data_source"] == "synthetic"
+    assert summary["steps"] == 20 and 0 <= summary["final_test_acc"] <= 1
+    assert summary["config"]["clip"]["mode"] == "norm" and summary["clipped_frac"] is not None
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tags = set().union(*records)
+    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "opt/lr", "grad/norm",
+                "grad/threshold", "grad/clipped_frac", "perf/images_per_s"):
+        assert tag in tags, tag
+    again = run_cli(*args)
+    assert again.returncode == 0 and "already completed" in again.stdout
+
+
+def test_absurd_lr_diverges_with_exit_1(synth_root, tmp_path):
+    sets = tiny_overrides(synth_root, tmp_path / "runs", **{"optim.lr": 1e8, "optim.warmup_epochs": 0,
+                                                            "train.epochs": 3, "optim.momentum": 0.0})
+    proc = run_cli("train", "--no-progress", *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and isinstance(summary["diverged_step"], int)
+    assert "Traceback" not in proc.stderr
