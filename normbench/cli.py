@@ -47,8 +47,13 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and build the model; no training."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard any previous results of this config and start over."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (plain log lines only)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes (launches torchrun; "
+                              "train.batch_size is per process)."),
 ) -> None:
     """Train one run; resume it if it was interrupted; skip it if it already completed."""
+    if nproc > 1:
+        _launch_torchrun(nproc, config, set_, fresh, no_progress)
+        return
     try:
         from normbench.config import dump_config, load_config
 
@@ -73,6 +78,23 @@ def train(
         raise typer.Exit(summary["exit_code"])
     if summary["status"] != "completed":
         raise typer.Exit(1)
+
+
+def _launch_torchrun(nproc: int, config, set_, fresh: bool, no_progress: bool) -> None:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "normbench", "train"]
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in set_:
+        args += ["--set", item]
+    args += ["--fresh"] * fresh + ["--no-progress"] * no_progress
+    code = subprocess.call(args)
+    if code not in (0, 1, 2, 130, 143):
+        fail(f"torchrun with {nproc} processes ended with status {code} (a process failed; see above)", code)
+    raise typer.Exit(code)
 
 
 @data_app.command("prepare")

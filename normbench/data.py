@@ -248,12 +248,20 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class EpochPlan:
-    """The order and augmentation of one epoch, fixed by (seed, epoch)."""
+    """The order and augmentation of one epoch, fixed by (seed, epoch).
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, augment: bool, device: torch.device):
+    Under data-parallel training (``world_size`` ranks) step ``s`` covers the global batch
+    ``order[s*G:(s+1)*G]`` with G = batch_size x world_size, and rank r takes its r-th slice of
+    ``batch_size`` samples: the shards are disjoint, and the global batches (and their
+    augmentation) are exactly those of a single process at batch G."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, augment: bool, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
         g = epoch_generator(seed, epoch)
         self.batch_size = batch_size
-        self.steps = n // batch_size  # the last incomplete batch is dropped
+        self.global_batch = batch_size * world_size
+        self.offset = rank * batch_size
+        self.steps = n // self.global_batch  # the last incomplete batch is dropped
         self.order = torch.randperm(n, generator=g).to(device)
         offsets = torch.randint(0, 9, (n, 2), generator=g)
         flips = torch.randint(0, 2, (n,), generator=g).bool()
@@ -263,7 +271,8 @@ class EpochPlan:
 
     def batch(self, data: Cifar10, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels of batch ``step`` (augmented when enabled)."""
-        sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        start = step * self.global_batch + self.offset
+        sl = slice(start, start + self.batch_size)
         idx = self.order[sl]
         x = data.train_x[idx]
         if self.augment:

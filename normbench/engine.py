@@ -31,7 +31,7 @@ from torch import nn
 
 from normbench.config import RunConfig, dump_config
 from normbench.errors import UserError
-from normbench.tracking import RunDir, TensorBoardLog, git_commit
+from normbench.tracking import ReadOnlyRunDir, RunDir, TensorBoardLog, git_commit
 
 INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -65,10 +65,11 @@ def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     return get_scheme(cfg.norm.kind).prefers_channels_last
 
 
-def lr_at(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear scaling (Goyal et al. 2017): peak = lr * batch / base_batch_size; linear
-    warm-up over ``warmup_epochs`` then cosine decay to 0 (or constant)."""
-    peak = cfg.optim.lr * cfg.train.batch_size / cfg.optim.base_batch_size
+def lr_at(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int, world_size: int = 1) -> float:
+    """Linear scaling (Goyal et al. 2017): peak = lr * global batch / base_batch_size, the
+    global batch being batch_size x world_size; linear warm-up over ``warmup_epochs`` then
+    cosine decay to 0 (or constant)."""
+    peak = cfg.optim.lr * cfg.train.batch_size * world_size / cfg.optim.base_batch_size
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -78,8 +79,12 @@ def lr_at(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int) -> 
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def is_no_decay(name: str, param: nn.Parameter, norm_param_names: set[str]) -> bool:
-    return param.ndim <= 1 or name in norm_param_names
+def fast_sgd_flags() -> dict:
+    """The fused SGD kernel (one pass over all parameters) where this torch has it, else foreach.
+    Measured on the 2-core CPU for ResNet-20: fused 257 us per step, foreach 421, plain loop 604."""
+    import inspect
+
+    return {"fused": True} if "fused" in inspect.signature(torch.optim.SGD).parameters else {"foreach": True}
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -93,7 +98,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     else:
         groups = [{"params": [p for _, p in params], "weight_decay": cfg.optim.weight_decay}]
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0, foreach=True)
+                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0, **fast_sgd_flags())
 
 
 def preflight(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
@@ -109,9 +114,13 @@ def preflight(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False) -> dict:
+def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False, dist_ctx=None) -> dict:
     """Test loss and accuracy over the whole test set. ``train_mode`` uses each test batch's
-    own statistics (BN-like layers) without touching the running statistics."""
+    own statistics (BN-like layers) without touching the running statistics. Under torchrun
+    each rank takes every world_size-th test batch and the sums are all-reduced."""
+    from normbench.distributed import DistContext, all_reduce_sum
+
+    dist_ctx = dist_ctx or DistContext()
     saved = None
     if train_mode:
         saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -120,7 +129,7 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
     n = len(data.test_y)
     usable = n - (n % batch_size) if train_mode and n >= batch_size else n
-    for start in range(0, usable, batch_size):
+    for start in range(dist_ctx.rank * batch_size, usable, batch_size * dist_ctx.world_size):
         x = normalize(data.test_x[start:start + batch_size])
         y = data.test_y[start:start + batch_size]
         out = model(x)
@@ -129,7 +138,8 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     if saved is not None:
         model.load_state_dict(saved, strict=False)
     model.train()
-    return {"loss": loss_sum.item() / usable, "acc": correct.item() / usable}
+    totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), dist_ctx).tolist()
+    return {"loss": totals[0] / usable, "acc": totals[1] / usable}
 
 
 def buffers_finite(model: nn.Module) -> Optional[str]:
@@ -149,6 +159,15 @@ class StopFlag:
     def __init__(self):
         self.signum: Optional[int] = None
 
+    def agree(self, dist_ctx, device: torch.device) -> None:
+        """Under torchrun: if any rank was signalled, every rank stops (at the same step)."""
+        from normbench.distributed import all_reduce_max
+
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        signum = int(all_reduce_max(flag, dist_ctx).item())
+        if signum and self.signum is None:
+            self.signum = signum
+
     @contextmanager
     def installed(self):
         import threading
@@ -165,6 +184,7 @@ class StopFlag:
 
         for s in INTERRUPT_EXIT:
             signal.signal(s, handler)
+        self._handler = handler
         try:
             yield self
         finally:
@@ -198,13 +218,15 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress, dist_ctx=None):
         from normbench.clip import make_clipper
         from normbench.data import EpochPlan, Normalizer, load_cifar10
+        from normbench.distributed import DistContext, local_device
         from normbench.models import build_model
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
-        self.device = resolve_device(cfg.device)
+        self.dist = dist_ctx or DistContext()
+        self.device = local_device(resolve_device(cfg.device), self.dist)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -213,14 +235,21 @@ class Trainer:
         self.channels_last = use_channels_last(cfg, self.device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.data = load_cifar10(cfg.data, log=progress.message).to(self.device)
-        if len(self.data.train_y) < cfg.train.batch_size:
-            raise UserError(f"train.batch_size: got {cfg.train.batch_size}; the training set has only "
-                            f"{len(self.data.train_y)} images")
+        self.global_batch = cfg.train.batch_size * self.dist.world_size
+        if len(self.data.train_y) < self.global_batch:
+            raise UserError(f"train.batch_size: got {cfg.train.batch_size} (global batch {self.global_batch}); "
+                            f"the training set has only {len(self.data.train_y)} images")
         self.normalize = Normalizer(self.device, self.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
         self.clipper = make_clipper(cfg.clip, self.model)
-        self.steps_per_epoch = len(self.data.train_y) // cfg.train.batch_size
+        self.steps_per_epoch = len(self.data.train_y) // self.global_batch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.progress_modules = [m for m in self.model.modules() if hasattr(m, "set_progress")]
         from normbench.analysis import make_analysis
@@ -280,10 +309,24 @@ class Trainer:
         clipped = torch.stack(self._buffers["clipped"]).float()
         n = len(self._buffers["loss"])
         stats = torch.stack([losses.mean(), correct.float(), norms.mean(), clipped.mean(), clipped.sum(),
-                             self._buffers["threshold"][-1].float(), bad.any().float()]).tolist()
-        first_bad = self._buffer_start + int(bad.nonzero()[0, 0]) if stats[6] else None
+                             self._buffers["threshold"][-1].float(), bad.any().float()])
+        if self.dist.enabled:  # loss and accuracy over all ranks' shards; any rank's fault counts
+            from normbench.distributed import all_reduce_sum
+
+            stats = all_reduce_sum(stats.double() * torch.tensor([1, 1, 0, 0, 0, 0, 1], dtype=torch.float64,
+                                                                 device=stats.device), self.dist)
+            stats = stats / torch.tensor([self.dist.world_size, 1, 1, 1, 1, 1, 1], dtype=torch.float64,
+                                         device=stats.device) + torch.stack([
+                torch.zeros((), device=stats.device), torch.zeros((), device=stats.device), norms.mean(),
+                clipped.mean(), clipped.sum(), self._buffers["threshold"][-1].float(),
+                torch.zeros((), device=stats.device)]).double()
+        stats = stats.tolist()
+        first_bad = None
+        if stats[6]:
+            local = bad.nonzero()
+            first_bad = self._buffer_start + (int(local[0, 0]) if len(local) else 0)
         elapsed = time.perf_counter() - self._interval_t0
-        batch = self.cfg.train.batch_size
+        batch = self.global_batch
         record = {
             "step": self._buffer_start + n, "epoch": round(epoch_float, 4),
             "train/loss": stats[0], "train/acc": stats[1] / (n * batch),
@@ -306,7 +349,7 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         x = self.normalize(x_u8)
-        out = self.model(x)
+        out = self.train_model(x)
         loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,7 +366,7 @@ class Trainer:
 
     def run(self, stop: StopFlag) -> dict:
         cfg, st = self.cfg, self.state
-        tb = TensorBoardLog(self.run_dir.tb, cfg.log.tensorboard, purge_step=st.step or None)
+        tb = TensorBoardLog(self.run_dir.tb, cfg.log.tensorboard and self.dist.is_main, purge_step=st.step or None)
         self.progress.start(cfg.run_name, self.total_steps, st.step, self.steps_per_epoch)
         t_start = time.perf_counter() - st.wall_time_s
         self._interval_t0 = time.perf_counter()
@@ -332,10 +375,10 @@ class Trainer:
             while st.step < self.total_steps:
                 epoch, in_epoch = divmod(st.step, self.steps_per_epoch)
                 plan = self._plan_cls(len(self.data.train_y), cfg.train.batch_size, cfg.seed, epoch,
-                                      cfg.data.augment, self.device)
+                                      cfg.data.augment, self.device, self.dist.rank, self.dist.world_size)
                 self.model.train()
                 for i in range(in_epoch, self.steps_per_epoch):
-                    lr = lr_at(cfg, st.step, self.total_steps, self.steps_per_epoch)
+                    lr = lr_at(cfg, st.step, self.total_steps, self.steps_per_epoch, self.dist.world_size)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     for m in self.progress_modules:
@@ -346,8 +389,10 @@ class Trainer:
                         diverged_step = self.flush(tb, st.step / self.steps_per_epoch)
                         if diverged_step is not None:
                             break
-                    if stop.signum is not None:
-                        break
+                        if self.dist.enabled:  # every rank stops at the same step
+                            stop.agree(self.dist, self.device)
+                    if stop.signum is not None and (not self.dist.enabled or not self._buffers["loss"]):
+                        break  # under torchrun only right after a flush, where all ranks agreed
                 if diverged_step is not None:
                     status, note = "diverged", f"non-finite loss or gradient at step {diverged_step}"
                     break
@@ -358,12 +403,17 @@ class Trainer:
                     break
                 epoch_done = st.step // self.steps_per_epoch
                 if epoch_done % cfg.train.eval_every == 0 or st.step >= self.total_steps:
+                    if self.dist.enabled:
+                        from normbench.distributed import broadcast_buffers
+
+                        broadcast_buffers(self.model, self.dist)
                     bad_buffer = buffers_finite(self.model)
                     if bad_buffer is not None:
                         status, diverged_step = "diverged", st.step
                         note = f"buffer {bad_buffer} is not finite after step {st.step}"
                         break
-                    result = evaluate(self.model, self.data, self.normalize, cfg.train.eval_batch_size)
+                    result = evaluate(self.model, self.data, self.normalize, cfg.train.eval_batch_size,
+                                      dist_ctx=self.dist)
                     st.last_eval = {"epoch": epoch_done, **result}
                     st.best_acc = max(st.best_acc, result["acc"])
                     record = {"step": st.step, "epoch": epoch_done, "test/loss": result["loss"], "test/acc": result["acc"]}
@@ -409,6 +459,8 @@ class Trainer:
             "wall_time_s": st.wall_time_s,
             "images_per_s": st.images_seen_timed / st.train_time_s if st.train_time_s else None,
             "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
             "threads": torch.get_num_threads(),
             "channels_last": self.channels_last,
             "torch_version": torch.__version__,
@@ -425,27 +477,31 @@ def hparams_of(cfg: RunConfig) -> dict:
 
 
 def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = None) -> dict:
-    """Train one run (or resume it, or return its summary if it already completed)."""
-    progress = progress or Progress()
-    run_dir = RunDir(cfg.run_dir())
+    """Train one run (or resume it, or return its summary if it already completed).
+
+    Under torchrun every rank calls this; only rank 0 writes the run folder."""
+    from normbench.distributed import barrier, init_from_env
+
+    dist_ctx = init_from_env(resolve_device(cfg.device))
+    progress = progress if (progress is not None and dist_ctx.is_main) else Progress()
+    run_dir = RunDir(cfg.run_dir()) if dist_ctx.is_main else ReadOnlyRunDir(cfg.run_dir())
     run_dir.create()
     if fresh:
         run_dir.wipe()
-    else:
+    barrier(dist_ctx)  # no rank reads the folder before rank 0 has wiped it
+    if not fresh:
         existing = run_dir.read_summary()
         if existing is not None and existing.get("status") == "completed":
             progress.message(f"{run_dir.path} already completed; not training again (use --fresh to redo)")
             return {**existing, "skipped": True}
-    trainer = Trainer(cfg, run_dir, progress)
+    trainer = Trainer(cfg, run_dir, progress, dist_ctx)
     ckpt = run_dir.load_checkpoint()
     if ckpt is not None:
         trainer.restore(ckpt)
         progress.message(f"resuming {run_dir.path.name} from step {trainer.state.step}")
     else:
         run_dir.truncate_metrics(0)
-    from normbench.tracking import atomic_write
-
-    atomic_write(run_dir.config, dump_config(cfg).encode())
+    run_dir.write_config(dump_config(cfg))
     stop = StopFlag()
     try:
         with stop.installed():
@@ -453,7 +509,7 @@ def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = No
     except UserError:
         raise
     except Exception:
-        run_dir.error_log.write_text(traceback.format_exc())
+        run_dir.write_error_log(traceback.format_exc())
         run_dir.write_summary({**trainer.summary("failed", None, f"see {run_dir.error_log}"), "error_log": str(run_dir.error_log)})
         raise
     summary["run_dir"] = str(run_dir.path)

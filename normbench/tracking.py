@@ -108,6 +108,12 @@ class RunDir:
     def read_summary(self) -> Optional[dict]:
         return read_summary(self.summary)
 
+    def write_config(self, text: str) -> None:
+        atomic_write(self.config, text.encode())
+
+    def write_error_log(self, text: str) -> None:
+        atomic_write(self.error_log, text.encode())
+
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.summary, {"summary_version": SUMMARY_VERSION, **summary})
 
@@ -162,6 +168,19 @@ class RunDir:
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{bad} ({type(err).__name__}); rerun with --fresh to start over") from None
+
+
+class ReadOnlyRunDir(RunDir):
+    """The run folder as seen by ranks other than 0 under torchrun: they read, never write."""
+
+    def create(self) -> None: ...
+    def wipe(self) -> None: ...
+    def write_config(self, text: str) -> None: ...
+    def write_error_log(self, text: str) -> None: ...
+    def write_summary(self, summary: dict) -> None: ...
+    def append_metrics(self, record: dict) -> None: ...
+    def truncate_metrics(self, size: int) -> None: ...
+    def save_checkpoint(self, state: dict) -> None: ...
 
 
 class TensorBoardLog:

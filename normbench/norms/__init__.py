@@ -123,3 +123,11 @@ register(NormScheme(
     "none",
     lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),
     normalizes="nothing (identity)", paper="-"))
+
+from normbench.norms import sync  # noqa: E402
+
+register(NormScheme(
+    "syncbn",
+    lambda cfg, c, act, layer: NormAct(sync.SyncBatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
+    batch_dependent=True, normalizes="(global B across processes, H, W) per channel",
+    paper="Ioffe & Szegedy 2015; Peng et al. 2018 (MegDet) for cross-GPU statistics"))

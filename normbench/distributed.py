@@ -1,0 +1,87 @@
+"""Data-parallel training under torchrun: process-group set-up and the few collectives the
+engine needs.
+
+``torchrun --nproc_per_node=N -m normbench train ...`` (or ``normbench train --nproc N``)
+starts N processes with RANK / WORLD_SIZE / LOCAL_RANK in their environment. Each rank
+trains the same model on a disjoint shard of every global batch (``train.batch_size`` is the
+per-process batch; the global batch is N times that and drives the learning-rate scaling).
+Only rank 0 writes the run folder. Backend: gloo on CPU, nccl on CUDA.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A rank that dies makes the others' collectives fail (gloo: connection closed) or, at worst,
+# time out after this long; torchrun then ends the job with a non-zero status.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device) -> DistContext:
+    """Join the process group torchrun describes in the environment (no-op when alone)."""
+    if not launched_by_torchrun():
+        return DistContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def local_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """On CUDA each process takes the GPU of its local rank."""
+    if ctx.enabled and device.type == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Make every rank's buffers (BN running statistics) equal to rank 0's."""
+    if ctx.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
