@@ -108,6 +108,8 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)  # steps between host reads of the metrics
     channels_last: Literal["auto", True, False] = "auto"
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast (norm statistics stay fp32)
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile mode
 
 
 class ClipConfig(_Section):
@@ -126,12 +128,40 @@ class LogConfig(_Section):
     tensorboard: bool = True
 
 
+DEFAULT_PROBE_EVERY = 100  # steps; measured probe overhead ~4% at this interval (README, Analysis)
+
+
 class AnalysisConfig(_Section):
-    probe_every: Optional[int] = Field(None, ge=1)  # loss-landscape probe; None = off
-    probe_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    dead_units: bool = False
-    hist_every: Optional[int] = Field(None, ge=1)
+    """The lecture's questions, measured in a run (normbench.analysis). Each part is opt-in,
+    except ``train_mode_eval``, which costs one test pass at the end of a BN-like run."""
+
+    probe: bool = False  # loss-landscape probe (Santurkar et al. 2018) every probe_every steps
+    probe_every: int = Field(DEFAULT_PROBE_EVERY, ge=1)  # giving it (without `probe`) turns the probe on
+    probe_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # x current LR
+    dead_units: bool = False  # per-layer dead-unit fractions after every epoch
+    dead_units_images: int = Field(256, ge=1)  # the fixed probe batch: the first K training images
+    hist_every: Optional[int] = Field(None, ge=1)  # pre-norm activation histograms; None = off
     train_mode_eval: bool = True  # test accuracy with batch statistics, for BN-like norms
+
+    @model_validator(mode="before")
+    @classmethod
+    def _probe_every_turns_probe_on(cls, data: Any) -> Any:
+        """``analysis.probe_every: N`` alone means "probe every N steps"; ``null`` means off."""
+        if isinstance(data, dict) and "probe_every" in data and "probe" not in data:
+            data = dict(data)
+            if data["probe_every"] is None:
+                del data["probe_every"]
+                data["probe"] = False
+            else:
+                data["probe"] = True
+        return data
+
+    @field_validator("probe_multipliers")
+    @classmethod
+    def _positive_multipliers(cls, value: list[float]) -> list[float]:
+        if not value or any(not (0 < v < float("inf")) for v in value):
+            raise ValueError("allowed: a non-empty list of positive step multipliers, e.g. [0.5, 1, 2, 4]")
+        return value
 
 
 class RunConfig(_Section):
@@ -287,7 +317,8 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
-        hint = did_you_mean(loc[-1], allowed)
+        prefix = ".".join(loc[:-1])
+        hint = did_you_mean(loc[-1], allowed).replace("'", "'" + (prefix + "." if prefix else ""), 1)
         return f"{source}: unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}{more}"
     msg = first["msg"]
     if msg.startswith("Value error, "):

@@ -236,11 +236,16 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.train_model = self.model
+        if cfg.train.compile != "none":  # e.g. "reduce-overhead": CUDA graphs for the fixed-shape step
+            self.train_model = torch.compile(self.model, mode=cfg.train.compile)
+        self.autocast = None
+        if cfg.train.amp == "bf16":
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
         self.data = load_cifar10(cfg.data, log=progress.message).to(self.device)
         self.global_batch = cfg.train.batch_size * self.dist.world_size
         if len(self.data.train_y) < self.global_batch:
@@ -347,9 +352,24 @@ class Trainer:
         return first_bad
 
     # -- loop ------------------------------------------------------------------------------
+    def step(self, plan, i: int) -> None:
+        """One optimizer step on batch ``i`` of ``plan``: LR and schedules, then train_step."""
+        st = self.state
+        lr = lr_at(self.cfg, st.step, self.total_steps, self.steps_per_epoch, self.dist.world_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for m in self.progress_modules:
+            m.set_progress(st.step / self.steps_per_epoch)
+        self.train_step(*plan.batch(self.data, i))
+        st.step += 1
+
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         x = self.normalize(x_u8)
-        out = self.train_model(x)
+        if self.autocast is None:
+            out = self.train_model(x)
+        else:
+            with self.autocast():
+                out = self.train_model(x).float()
         loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -378,13 +398,7 @@ class Trainer:
                                       cfg.data.augment, self.device, self.dist.rank, self.dist.world_size)
                 self.model.train()
                 for i in range(in_epoch, self.steps_per_epoch):
-                    lr = lr_at(cfg, st.step, self.total_steps, self.steps_per_epoch, self.dist.world_size)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    for m in self.progress_modules:
-                        m.set_progress(st.step / self.steps_per_epoch)
-                    self.train_step(*plan.batch(self.data, i))
-                    st.step += 1
+                    self.step(plan, i)
                     if len(self._buffers["loss"]) >= cfg.train.log_every or i == self.steps_per_epoch - 1:
                         diverged_step = self.flush(tb, st.step / self.steps_per_epoch)
                         if diverged_step is not None:

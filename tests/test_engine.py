@@ -113,3 +113,16 @@ def test_absurd_lr_diverges_with_exit_1(synth_root, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and isinstance(summary["diverged_step"], int)
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_autocast_trains_with_fp32_norm_statistics(tiny_cfg):
+    summary = engine.train(tiny_cfg(**{"train.amp": "bf16", "train.epochs": 1}))
+    assert summary["status"] == "completed"
+    from normbench.models import build_model
+
+    model = build_model(tiny_cfg(**{"model.width": 0.25}))
+    seen = []
+    model.stem_norm_act.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    assert seen == [torch.float32]

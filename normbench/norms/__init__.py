@@ -34,6 +34,8 @@ class NormAct(nn.Module):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16):  # mixed precision: statistics in fp32
+            return self.act(self.norm(x.float()))
         return self.act(self.norm(x))
 
 
@@ -100,12 +102,29 @@ def _relu_if(apply_act: bool) -> Optional[nn.Module]:
 
 
 # ----------------------------------------------------------------------------- schemes
-from normbench.norms import batch, sample  # noqa: E402  (the layers import the helpers above)
+from normbench.norms import batch, sample, weight  # noqa: E402  (the layers import the helpers above)
 
+# prefers_channels_last: from scripts/bench_norms.py --model (ResNet-20 forward + backward on
+# CPU, both memory formats): True only where channels_last measured faster for the model.
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
     batch_dependent=True, normalizes="(B, H, W) per channel", paper="Ioffe & Szegedy 2015"))
+register(NormScheme(
+    "ghost_bn",
+    lambda cfg, c, act, layer: NormAct(
+        batch.GhostBatchNorm2d(c, eps_of(cfg), cfg.momentum, cfg.ghost_batch_size, cfg.running_stats, layer),
+        _relu_if(act)),
+    batch_dependent=True, normalizes="(b, H, W) per channel, per chunk of ghost_batch_size samples",
+    paper="Hoffer, Hubara & Soudry 2017", prefers_channels_last=False))
+register(NormScheme(
+    "brn",
+    lambda cfg, c, act, layer: NormAct(
+        batch.BatchRenorm2d(c, eps_of(cfg), cfg.renorm_momentum, cfg.r_max, cfg.d_max, cfg.brn_warmup_epochs,
+                            cfg.brn_r_max_epochs, cfg.brn_d_max_epochs, layer),
+        _relu_if(act)),
+    batch_dependent=True, normalizes="(B, H, W) per channel, corrected by r, d towards the moving statistics",
+    paper="Ioffe 2017", prefers_channels_last=False))
 register(NormScheme(
     "gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
@@ -120,14 +139,35 @@ register(NormScheme(
     normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016",
     prefers_channels_last=False))
 register(NormScheme(
+    "ws_gn",
+    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
+    conv=weight.standardized_conv,
+    normalizes="(C/G, H, W) per sample and group; conv weights per output filter over (C_in, kh, kw)",
+    paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)", prefers_channels_last=False))
+register(NormScheme(
+    "frn",
+    # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm
+    lambda cfg, c, act, layer: NormAct(sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act), None),
+    post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
+    normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
+    default_eps=1e-6, prefers_channels_last=False))
+register(NormScheme(
+    "evonorm_s0",
+    lambda cfg, c, act, layer: NormAct(sample.EvoNormS0(c, resolve_groups(cfg, c, layer), eps_of(cfg), act), None),
+    normalizes="(C/G, H, W) per sample and group (std only), with its own sigmoid gate",
+    paper="Liu, Brock, Simonyan & Le 2020", prefers_channels_last=False))
+register(NormScheme(
     "none",
     lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),
     normalizes="nothing (identity)", paper="-"))
-
-from normbench.norms import sync  # noqa: E402
-
 register(NormScheme(
-    "syncbn",
-    lambda cfg, c, act, layer: NormAct(sync.SyncBatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
-    batch_dependent=True, normalizes="(global B across processes, H, W) per channel",
-    paper="Ioffe & Szegedy 2015; Peng et al. 2018 (MegDet) for cross-GPU statistics"))
+    "nf",
+    # The architecture is replaced (normbench.models.nf_resnet, via ARCH_OVERRIDES); these
+    # pieces only matter if a plain ResNet is built with kind nf: no norm, a gain-scaled ReLU.
+    lambda cfg, c, act, layer: NormAct(nn.Identity(), weight.ScaledReLU() if act else None),
+    post_add_act=lambda cfg, c, layer: weight.ScaledReLU(),
+    conv=weight.scaled_ws_conv,
+    normalizes="nothing: scaled weight standardization + variance-preserving residual scaling",
+    paper="Brock, De & Smith 2021a"))
+
+import normbench.models.nf_resnet  # noqa: E402,F401  (registers ARCH_OVERRIDES["nf"])
