@@ -218,7 +218,7 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress, dist_ctx=None):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress, dist_ctx=None, data=None):
         from normbench.clip import make_clipper
         from normbench.data import EpochPlan, Normalizer, load_cifar10
         from normbench.distributed import DistContext, local_device
@@ -246,7 +246,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
-        self.data = load_cifar10(cfg.data, log=progress.message).to(self.device)
+        self.data = data if data is not None else load_cifar10(cfg.data, log=progress.message).to(self.device)
         self.global_batch = cfg.train.batch_size * self.dist.world_size
         if len(self.data.train_y) < self.global_batch:
             raise UserError(f"train.batch_size: got {cfg.train.batch_size} (global batch {self.global_batch}); "
@@ -343,6 +343,7 @@ class Trainer:
         self.state.clip_steps += n
         self.state.images_seen_timed += n * batch
         self.state.train_time_s += elapsed
+        self.last_record = record
         self.run_dir.append_metrics(record)
         tb.scalars(record["step"], {k: v for k, v in record.items() if "/" in k})
         self.progress.update(record["step"], record)
@@ -373,7 +374,7 @@ class Trainer:
         loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.analysis is not None:
+        if self.analysis is not None and self.analysis.wants_steps:  # probe / histograms only
             self.analysis.after_backward(self, x, y, loss)
         stats = self.clipper()
         self.optimizer.step()
