@@ -123,7 +123,7 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     dist_ctx = dist_ctx or DistContext()
     saved = None
     if train_mode:
-        saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.train(train_mode)
     loss_sum = torch.zeros((), device=data.test_y.device)
     correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
@@ -136,7 +136,7 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     if saved is not None:
-        model.load_state_dict(saved, strict=False)
+        model.load_state_dict(saved)
     model.train()
     totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), dist_ctx).tolist()
     return {"loss": totals[0] / usable, "acc": totals[1] / usable}

@@ -31,6 +31,11 @@ CHECKPOINT_MAGIC = b"NORMBENCH-CKPT-1 "
 SUMMARY_VERSION = 1
 
 
+# Fault injection for the kill tests: seconds to pause between writing a temp file and
+# renaming it, so that a SIGKILL can land in the middle of a checkpoint write.
+_WRITE_PAUSE_S = float(os.environ.get("NORMBENCH_TEST_WRITE_PAUSE", "0") or 0)
+
+
 def atomic_write(path: Path, blob: bytes) -> None:
     """Write ``blob`` to ``path`` via a temp file + fsync + rename in the same folder."""
     path = Path(path)
@@ -40,6 +45,10 @@ def atomic_write(path: Path, blob: bytes) -> None:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        if _WRITE_PAUSE_S:
+            import time
+
+            time.sleep(_WRITE_PAUSE_S)
         os.replace(tmp, path)
     except OSError as err:
         try:
@@ -96,6 +105,18 @@ class RunDir:
             raise UserError(f"cannot create run folder {self.path}: {err.strerror}") from None
         if not os.access(self.path, os.W_OK):
             raise UserError(f"run folder {self.path} is not writable")
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files of writers that died mid-write (``.<name>.<pid>.tmp``, pid not alive)."""
+        for tmp in self.path.glob(".*.tmp"):
+            try:
+                pid = int(tmp.name.rsplit(".", 2)[-2])
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError):
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass
 
     def wipe(self) -> None:
         """Forget all results (``--fresh``)."""
