@@ -328,7 +328,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         given = first.get("input")
         msg = f"allowed: {expected}{did_you_mean(given, re.findall(chr(39) + '([^' + chr(39) + ']+)' + chr(39), expected))}"
     given = first.get("input")
-    shown = "" if isinstance(given, dict) else f"got {given!r}; "
+    shown = f"got {given!r}; "
     return f"{source}: {key}: {shown}{msg}{more}"
 
 
