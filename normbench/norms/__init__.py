@@ -104,8 +104,13 @@ def _relu_if(apply_act: bool) -> Optional[nn.Module]:
 # ----------------------------------------------------------------------------- schemes
 from normbench.norms import batch, sample, weight  # noqa: E402  (the layers import the helpers above)
 
-# prefers_channels_last: from scripts/bench_norms.py --model (ResNet-20 forward + backward on
-# CPU, both memory formats): True only where channels_last measured faster for the model.
+# prefers_channels_last: from `scripts/bench_norms.py --model --model-only` (ResNet-20 width 1,
+# forward + backward on CPU, 1 thread, both memory formats interleaved, best of 3; ms per step
+# NCHW / channels_last at batch 2 and 128): ghost_bn 13.2/12.0, 516/524; brn 16.4/16.4, 456/478;
+# frn 17.0/16.1, 458/432; evonorm_s0 18.7/15.9, 555/490; ws_gn 16.3/16.4, 436/446;
+# nf 18.2/16.8, 451/378. The faster convolutions in channels_last outweigh the custom layers'
+# generic (non-NCHW) path for frn, evonorm_s0 and nf; ghost_bn is BatchNorm's kernel at
+# batch <= ghost size (channels_last wins) and even at 128.
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
@@ -116,7 +121,7 @@ register(NormScheme(
         batch.GhostBatchNorm2d(c, eps_of(cfg), cfg.momentum, cfg.ghost_batch_size, cfg.running_stats, layer),
         _relu_if(act)),
     batch_dependent=True, normalizes="(b, H, W) per channel, per chunk of ghost_batch_size samples",
-    paper="Hoffer, Hubara & Soudry 2017", prefers_channels_last=False))
+    paper="Hoffer, Hubara & Soudry 2017"))
 register(NormScheme(
     "brn",
     lambda cfg, c, act, layer: NormAct(
@@ -150,16 +155,24 @@ register(NormScheme(
     lambda cfg, c, act, layer: NormAct(sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act), None),
     post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
-    default_eps=1e-6, prefers_channels_last=False))
+    default_eps=1e-6))
 register(NormScheme(
     "evonorm_s0",
     lambda cfg, c, act, layer: NormAct(sample.EvoNormS0(c, resolve_groups(cfg, c, layer), eps_of(cfg), act), None),
     normalizes="(C/G, H, W) per sample and group (std only), with its own sigmoid gate",
-    paper="Liu, Brock, Simonyan & Le 2020", prefers_channels_last=False))
+    paper="Liu, Brock, Simonyan & Le 2020"))
 register(NormScheme(
     "none",
     lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),
     normalizes="nothing (identity)", paper="-"))
+
+from normbench.norms import sync  # noqa: E402
+
+register(NormScheme(
+    "syncbn",
+    lambda cfg, c, act, layer: NormAct(sync.SyncBatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
+    batch_dependent=True, normalizes="(global B across processes, H, W) per channel",
+    paper="Ioffe & Szegedy 2015; Peng et al. 2018 (MegDet) for cross-GPU statistics"))
 register(NormScheme(
     "nf",
     # The architecture is replaced (normbench.models.nf_resnet, via ARCH_OVERRIDES); these
