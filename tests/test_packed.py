@@ -10,14 +10,16 @@ from normbench.packed import pack_key, pack_models, train_packed, unpack_state, 
 from normbench.tracking import RunDir
 
 
-@pytest.mark.parametrize("kind", ["bn", "gn", "frn"])
+@pytest.mark.parametrize("kind", ["bn", "ghost_bn", "gn", "ln", "in", "frn", "none"])
 def test_packed_forward_equals_members(tiny_cfg, kind):
     extra = {"norm.kind": kind, "norm.groups": 2} if kind == "gn" else {"norm.kind": kind}
+    if kind == "ghost_bn":
+        extra["norm.ghost_batch_size"] = 2  # 3 chunks of the batch of 6 (so not plain BN)
     models = [build_model(tiny_cfg(seed=s, **extra)) for s in range(3)]
     packed = pack_models(models)
-    xs = [torch.randn(4, 3, 32, 32) for _ in models]
+    xs = [torch.randn(6, 3, 32, 32) for _ in models]
     out = packed(torch.cat(xs, 1))
-    assert out.shape == (4, 3, 10)
+    assert out.shape == (6, 3, 10)
     for k, (m, x) in enumerate(zip(models, xs)):
         torch.testing.assert_close(out[:, k], m(x), rtol=1e-4, atol=1e-5)
     solo = models[1].state_dict()
