@@ -1,0 +1,553 @@
+"""Tables and plots from run folders: method × batch size, mean ± std over seeds.
+
+:func:`collect` reads every ``summary.json`` under a folder (a sweep's output folder or any
+tree of loose runs). It tolerates what a live or broken sweep leaves behind: a run folder
+with a ``config.yaml`` but no summary yet counts as *running*, and an unreadable summary is
+skipped with a warning (the engine writes summaries atomically, so a torn one is corruption,
+not a race).
+
+:func:`build_report` groups runs by *method* (the norm kind, ``+clip mode`` when clipping is
+on, plus any other config key that differs between runs of the same norm, clip and batch
+size) and batch size, and produces :class:`Table` objects:
+
+* test accuracy (or error) in % at the end of training (``final``) or the best evaluation
+  (``best``): mean ± sample std over the completed seeds, with n; cells whose runs diverged,
+  failed or are still running say so; the best cell of each column is marked;
+* training throughput (images/s) and seconds per epoch (wall time / epochs, with eval);
+* one table per extra summary key from :mod:`normbench.report_analysis` when it exists.
+
+Writers: a rich terminal rendering, Markdown, CSV (tidy: one row per table × method ×
+batch), JSON, and a GN-paper-style PNG (accuracy or error against batch size on a log2 axis
+that runs from large to small batches, one line per method, std error bars).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from normbench.errors import UserError
+
+FORMATS = ("md", "csv", "json")
+METRICS = ("final", "best")
+# Row order of the reference study; anything else follows alphabetically.
+METHOD_ORDER = ("bn", "ghost_bn", "brn", "ln", "gn", "in", "ws_gn", "frn", "evonorm_s0", "nf", "none")
+# Config keys that never make two runs different methods.
+_IGNORED = ("name", "seed", "train.batch_size", "threads", "device", "data.root", "data.allow_download",
+            "norm.kind", "clip.mode")
+_IGNORED_PREFIXES = ("log.", "analysis.")
+
+
+# ----------------------------------------------------------------------------- collecting runs
+
+
+@dataclass
+class Run:
+    """One run folder: its summary (or None while it is running) and resolved config."""
+
+    path: Path
+    status: str  # completed | diverged | failed | interrupted | running
+    config: dict
+    summary: dict = field(default_factory=dict)
+    method: str = ""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.get("train", {}).get("batch_size", 0))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def collect(folder: Path, warn: Callable[[str], None] = lambda m: None) -> list[Run]:
+    """Every run under ``folder`` (summaries, and run folders still in progress)."""
+    from normbench.tracking import read_summary
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"report: {folder} is not a folder")
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for path in sorted(folder.rglob("summary.json")):
+        try:
+            summary = read_summary(path)
+        except UserError as err:
+            warn(f"skipping {path}: {err}")
+            continue
+        if summary is None or not isinstance(summary.get("config"), dict):
+            continue
+        seen.add(path.parent)
+        runs.append(Run(path.parent, str(summary.get("status")), summary["config"], summary))
+    for path in sorted(folder.rglob("config.yaml")):
+        if path.parent in seen or not (path.parent / "metrics.jsonl").exists() and not (path.parent / "checkpoint.pt").exists():
+            continue  # a finished run, or a plain config file rather than a run folder
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("norm"), dict) and isinstance(config.get("train"), dict):
+            runs.append(Run(path.parent, "running", config))
+    _assign_methods(runs)
+    return runs
+
+
+def base_method(config: dict) -> str:
+    kind = str(config.get("norm", {}).get("kind", "?"))
+    clip = config.get("clip", {}).get("mode", "none")
+    return kind if clip in (None, "none") else f"{kind}+{clip}"
+
+
+def _assign_methods(runs: list[Run]) -> None:
+    """Label = base method, plus ``key=value`` for every config key that differs between runs
+    sharing the base method and batch size (seeds aside): such runs are different methods.
+    A key absent from a run (an older or partial config) is not a difference."""
+    flat = [_flatten(r.config) for r in runs]
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault((base_method(run.config), run.batch_size), []).append(i)
+    varying: dict[str, set[str]] = {}
+    for (base, _), members in groups.items():
+        keys = set().union(*(flat[i].keys() for i in members))
+        for key in keys:
+            if key in _IGNORED or key.startswith(_IGNORED_PREFIXES):
+                continue
+            values = {json.dumps(flat[i][key], sort_keys=True, default=str) for i in members if key in flat[i]}
+            if len(values) > 1:
+                varying.setdefault(base, set()).add(key)
+    for i, run in enumerate(runs):
+        base = base_method(run.config)
+        extra = [f"{k.split('.')[-1]}={_short(flat[i][k])}" for k in sorted(varying.get(base, ())) if k in flat[i]]
+        run.method = " ".join([base, *extra])
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _method_sort_key(method: str) -> tuple:
+    kind = method.split("+")[0].split(" ")[0]
+    rank = METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, kind, method
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass
+class CellStat:
+    """One method × batch cell: the values of its completed runs and how many did not complete."""
+
+    values: list[float] = field(default_factory=list)
+    n_diverged: int = 0
+    n_failed: int = 0
+    n_running: int = 0
+    n_nodata: int = 0  # completed runs that lack the value
+    runs: list[str] = field(default_factory=list)
+    best: bool = False
+    text: str = "missing"
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    @property
+    def missing(self) -> bool:
+        return not self.runs
+
+
+@dataclass
+class Table:
+    """A method × batch-size table of one quantity."""
+
+    key: str
+    title: str
+    unit: str
+    methods: list[str]
+    batch_sizes: list[int]
+    cells: dict[tuple[str, int], CellStat]
+    better: Optional[str] = None  # "max" | "min" | None (no best marked)
+    digits: int = 2
+    with_std: bool = True
+    note: str = ""
+    analysis: bool = False  # an extra table from normbench.report_analysis (written to files only)
+
+    def cell(self, method: str, batch: int) -> CellStat:
+        return self.cells.get((method, batch)) or CellStat()
+
+
+@dataclass
+class Report:
+    tables: list[Table]
+    runs: list[Run]
+    metric: str
+    error: bool
+    skipped: list[str] = field(default_factory=list)
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    if value is None or value != value:
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _cell_text(stat: CellStat, digits: int, with_std: bool) -> str:
+    if stat.missing:
+        return "missing"
+    if not stat.values:
+        if stat.n_diverged:
+            return "diverged" + (f" ({stat.n_diverged}/{len(stat.runs)})" if len(stat.runs) > 1 else "")
+        if stat.n_failed:
+            return "failed" + (f" ({stat.n_failed}/{len(stat.runs)})" if len(stat.runs) > 1 else "")
+        if stat.n_running:
+            return "running"
+        return "—"
+    text = _fmt(stat.mean, digits)
+    if with_std and stat.std is not None:
+        text += f" ± {_fmt(stat.std, digits)}"
+    if with_std:
+        text += f" (n={stat.n})"
+    extra = [f"{k} {what}" for k, what in ((stat.n_diverged, "div"), (stat.n_failed, "failed"),
+                                             (stat.n_running, "running")) if k]
+    if extra:
+        text += " +" + ", +".join(extra)
+    return text
+
+
+def _value(summary: dict, key: str) -> Optional[float]:
+    node: Any = summary
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+        return None
+    return float(node)
+
+
+def _table(runs: list[Run], key: str, title: str, unit: str, get: Callable[[Run], Optional[float]],
+           better: Optional[str], digits: int, completed_only: bool, with_std: bool = True, note: str = "") -> Table:
+    methods = sorted({r.method for r in runs}, key=_method_sort_key)
+    batches = sorted({r.batch_size for r in runs})
+    cells: dict[tuple[str, int], CellStat] = {}
+    for run in runs:
+        stat = cells.setdefault((run.method, run.batch_size), CellStat())
+        stat.runs.append(str(run.path))
+        value = get(run)
+        usable = run.status == "completed" or (not completed_only and run.status in ("diverged", "interrupted"))
+        if value is not None and usable:
+            stat.values.append(value)
+        elif run.status == "diverged":
+            stat.n_diverged += 1
+        elif run.status == "failed":
+            stat.n_failed += 1
+        elif run.status in ("running", "interrupted"):
+            stat.n_running += 1
+        elif run.status == "completed":
+            stat.n_nodata += 1  # completed without this value (e.g. an analysis that was off)
+    for stat in cells.values():
+        stat.text = _cell_text(stat, digits, with_std)
+    if better:
+        for batch in batches:
+            column = [cells[(m, batch)] for m in methods if (m, batch) in cells and cells[(m, batch)].values]
+            if column:
+                pick = max if better == "max" else min
+                target = pick(c.mean for c in column)
+                for c in column:
+                    c.best = c.mean == target
+    return Table(key, title, unit, methods, batches, cells, better, digits, with_std, note)
+
+
+def analysis_columns() -> tuple[list[tuple[str, str]], Optional[Callable]]:
+    """(summary key, header) pairs and the plots() hook of normbench.report_analysis, if present."""
+    try:
+        from normbench import report_analysis  # noqa: F401 - written by the analysis work
+    except ImportError:
+        return [], None
+    columns = list(getattr(report_analysis, "summary_columns", lambda: [])())
+    return columns, getattr(report_analysis, "plots", None)
+
+
+def build_report(runs: list[Run], metric: str = "final", error: bool = False,
+                 extra_columns: Optional[list[tuple[str, str]]] = None) -> Report:
+    """The accuracy, throughput and s/epoch tables, plus one per ``extra_columns`` summary key
+    that some run has (``analysis=True`` on those tables: files only, not the terminal)."""
+    if metric not in METRICS:
+        raise UserError(f"--metric: got '{metric}'; allowed: {', '.join(METRICS)}")
+    if not runs:
+        raise UserError("report: no runs found (no summary.json under the folder)")
+    key = "final_test_acc" if metric == "final" else "best_test_acc"
+
+    def acc(run: Run) -> Optional[float]:
+        v = _value(run.summary, key)
+        if v is None:
+            return None
+        return 100.0 * (1.0 - v) if error else 100.0 * v
+
+    what = "error" if error else "accuracy"
+    which = "at the end of training" if metric == "final" else "best evaluation"
+    tables = [
+        _table(runs, f"test_{what}", f"Test {what} (%), {which}", "%", acc, "min" if error else "max", 2, True,
+               note="mean ± std over seeds (n completed); best per batch size marked; "
+                    "div = diverged runs, not in the mean"),
+        _table(runs, "images_per_s", "Training throughput (images/s)", "img/s",
+               lambda r: _value(r.summary, "images_per_s"), "max", 0, False, with_std=False,
+               note="mean over seeds of the training-step throughput (evaluation excluded)"),
+        _table(runs, "s_per_epoch", "Seconds per epoch (wall time incl. evaluation)", "s",
+               lambda r: (_value(r.summary, "wall_time_s") / _value(r.summary, "epochs"))
+               if _value(r.summary, "wall_time_s") and _value(r.summary, "epochs") else None,
+               "min", 1, False, with_std=False, note="wall time / epochs run, mean over seeds"),
+    ]
+    for col_key, header in extra_columns or []:
+        if not any(_value(r.summary, col_key) is not None for r in runs):
+            continue
+        table = _table(runs, col_key, header, "", lambda r, k=col_key: _value(r.summary, k), None, 4, True,
+                       note=f"summary key '{col_key}', mean ± std over completed seeds; — = not measured")
+        table.analysis = True
+        tables.append(table)
+    return Report(tables, runs, metric, error)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def render_terminal(report: Report, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    counts: dict[str, int] = {}
+    for run in report.runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    console.print(f"{len(report.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                  highlight=False)
+    extra = [t for t in report.tables if t.analysis]
+    for table in report.tables:
+        if table.analysis:
+            continue
+        console.print(f"\n[bold]{_escape(table.title)}[/]")
+        rt = RichTable()
+        rt.add_column("method", style="bold")
+        for batch in table.batch_sizes:
+            rt.add_column(f"b={batch}", justify="right")
+        for method in table.methods:
+            row = []
+            for batch in table.batch_sizes:
+                c = table.cell(method, batch)
+                text = c.text + (" *" if c.best else "")
+                style = ("bold green" if c.best else "red" if not c.values and (c.n_diverged or c.n_failed)
+                         else "dim" if c.missing or not c.values else "")
+                row.append(f"[{style}]{_escape(text)}[/]" if style else _escape(text))
+            rt.add_row(_escape(method), *row)
+        console.print(rt)
+        console.print(f"[dim]{_escape(table.note)}[/]")
+    if extra:
+        console.print(f"[dim]{len(extra)} analysis table(s) ({', '.join(_escape(t.title) for t in extra)}) "
+                      "go to the --format files[/]")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# normbench report", "",
+             f"{len(report.runs)} runs; accuracy metric: {report.metric} "
+             f"({'test error' if report.error else 'test accuracy'}). * = best in its column.", ""]
+    for table in report.tables:
+        lines += [f"## {table.title}", "", f"_{table.note}_", ""]
+        lines.append("| method | " + " | ".join(f"b={b}" for b in table.batch_sizes) + " |")
+        lines.append("|---|" + "---:|" * len(table.batch_sizes))
+        for method in table.methods:
+            cells = []
+            for batch in table.batch_sizes:
+                c = table.cell(method, batch)
+                cells.append(f"**{c.text}** \\*" if c.best else c.text)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rows(report: Report) -> list[dict]:
+    rows = []
+    for table in report.tables:
+        for method in table.methods:
+            for batch in table.batch_sizes:
+                c = table.cell(method, batch)
+                rows.append({"table": table.key, "method": method, "batch_size": batch, "mean": c.mean,
+                             "std": c.std, "n": c.n, "n_diverged": c.n_diverged, "n_failed": c.n_failed,
+                             "n_running": c.n_running, "missing": c.missing, "best": c.best, "text": c.text})
+    return rows
+
+
+def to_csv(report: Report) -> str:
+    buf = io.StringIO()
+    rows = _rows(report)
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["table"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def to_json(report: Report) -> str:
+    body = {
+        "metric": report.metric, "error": report.error, "n_runs": len(report.runs),
+        "tables": [{
+            "key": t.key, "title": t.title, "unit": t.unit, "note": t.note, "methods": t.methods,
+            "batch_sizes": t.batch_sizes,
+            "cells": [{"method": m, "batch_size": b, "mean": t.cell(m, b).mean, "std": t.cell(m, b).std,
+                       "n": t.cell(m, b).n, "values": t.cell(m, b).values, "n_diverged": t.cell(m, b).n_diverged,
+                       "n_failed": t.cell(m, b).n_failed, "n_running": t.cell(m, b).n_running,
+                       "missing": t.cell(m, b).missing, "best": t.cell(m, b).best, "text": t.cell(m, b).text,
+                       "runs": t.cell(m, b).runs}
+                      for m in t.methods for b in t.batch_sizes]}
+            for t in report.tables],
+        "runs": [{"path": str(r.path), "status": r.status, "method": r.method, "batch_size": r.batch_size,
+                  "seed": r.seed} for r in report.runs],
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+def parse_formats(items: list[str]) -> list[str]:
+    """``["md,csv", "json"]`` -> ``["md", "csv", "json"]``; anything else is a UserError."""
+    out: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            if part not in FORMATS:
+                from normbench.errors import did_you_mean
+
+                raise UserError(f"--format: got '{part}'{did_you_mean(part, FORMATS)}; allowed: {', '.join(FORMATS)}")
+            if part not in out:
+                out.append(part)
+    return out
+
+
+def write_files(report: Report, formats: list[str], out_dir: Path) -> list[Path]:
+    from normbench.tracking import atomic_write
+
+    writers = {"md": to_markdown, "csv": to_csv, "json": to_json}
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out: cannot create {out_dir}: {err.strerror}") from None
+    written = []
+    for fmt in formats:
+        path = Path(out_dir) / f"report.{fmt}"
+        atomic_write(path, writers[fmt](report).encode())
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(report: Report, path: Path) -> Path:
+    """Accuracy (or error) against batch size, GN-paper style: log2 x axis from the largest
+    batch on the left to the smallest on the right, one line per method, std error bars;
+    a cell whose runs all diverged is an × on the top edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    table = report.tables[0]
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot: got '{path}'; give a file name ending in .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--plot: cannot create {path.parent}: {err.strerror}") from None
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=150)
+    cmap = plt.get_cmap("tab10" if len(table.methods) <= 10 else "tab20")
+    markers = "osD^v<>phX*"
+    top_edge = blended_transform_factory(ax.transData, ax.transAxes)
+    any_diverged = False
+    for i, method in enumerate(table.methods):
+        color, marker = cmap(i % cmap.N), markers[i % len(markers)]
+        xs, ys, es = [], [], []
+        for batch in table.batch_sizes:
+            c = table.cell(method, batch)
+            if c.values:
+                xs.append(batch)
+                ys.append(c.mean)
+                es.append(c.std or 0.0)
+            elif c.n_diverged or c.n_failed:
+                any_diverged = True
+                ax.plot([batch], [0.97], marker="x", color=color, markersize=9, mew=2,
+                        transform=top_edge, clip_on=False, linestyle="none")
+        if xs:
+            ax.errorbar(xs, ys, yerr=es if any(es) else None, color=color, marker=marker, markersize=5,
+                        linewidth=1.8, capsize=3, label=method)
+        else:
+            ax.plot([], [], color=color, marker="x", linestyle="none", label=f"{method} (no completed run)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(table.batch_sizes)
+    ax.set_xticklabels([str(b) for b in table.batch_sizes])
+    ax.minorticks_off()
+    if table.batch_sizes:
+        lo, hi = min(table.batch_sizes), max(table.batch_sizes)
+        ax.set_xlim(hi * 1.25, lo / 1.25)  # large batches left, small right, as in Wu & He (2018)
+    ax.set_xlabel("batch size (images per step)")
+    what = "error" if report.error else "accuracy"
+    ax.set_ylabel(f"test {what} (%)")
+    archs = {r.config.get("model", {}).get("arch", "?") for r in report.runs}
+    arch = archs.pop() if len(archs) == 1 else "ResNet"
+    arch = re.sub(r"^resnet(\d+)$", r"ResNet-\1", str(arch))
+    ax.set_title(f"{arch} on CIFAR-10: test {what} ({report.metric}) vs batch size", fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if any_diverged:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", mew=2))
+        labels.append("diverged / failed")
+    if handles:
+        ax.legend(handles, labels, fontsize=8, frameon=False, ncol=2 if len(labels) > 6 else 1,
+                  loc="best")
+    n_seeds = max((t.n for t in table.cells.values()), default=0)
+    fig.text(0.99, 0.005, f"mean over up to {n_seeds} seed(s); error bars: std over seeds", ha="right",
+             va="bottom", fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    from normbench.tracking import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
