@@ -40,6 +40,8 @@ def sweep(
                                           help="Torch threads per cell (default: cores / workers)."),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0, help="Ray: num_gpus of each cell's task."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of the live view."),
+    pack: int = typer.Option(1, "--pack", "-k", min=1, help="Train up to K cells that differ only in seed as one "
+                             "packed network (grouped convolutions); each keeps its own run folder."),
 ) -> None:
     """Train every cell of a sweep: skip finished cells, resume partial ones, record failures."""
     from normbench import sweep as sw
@@ -56,7 +58,7 @@ def sweep(
         spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
         n_workers = workers or sw.default_workers(spec.cells)
         n_threads = threads or sw.default_threads(n_workers)
-        plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed)
+        plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
         if dry_run:
             _print_dry_run(plan, n_workers, backend, no_estimate)
             return
@@ -94,7 +96,7 @@ def _print_dry_run(plan, workers: int, backend: str, no_estimate: bool) -> None:
     per_task, total = {}, None
     if plan.tasks and not no_estimate:
         per_task, total = sw.estimate(plan, workers, log=lambda m: typer.echo(m, err=True))
-    tasks = {t["index"]: t for t in plan.tasks}
+    tasks = {m["index"]: m for t in plan.tasks for m in t.get("pack", [t])}
     action_of = {"new": "train", "partial": "resume", "running": "wait (locked)", "failed": "retrain",
                  "diverged": "retrain", "done": "retrain"}
     table = Table(title=f"sweep {plan.sweep.path.name}: {len(plan.sweep.cells)} cells → {plan.sweep.out_dir}",
@@ -133,6 +135,7 @@ def _print_outcome(plan, results: list[dict], interrupted: bool, interrupt_code:
     from normbench import sweep as sw
 
     console = _console()
+    results = [m for r in results for m in r.get("members", [r])]  # a packed task reports each member
     trained = [r for r in results if r["outcome"] == "trained"]
     locked = [r for r in results if r["outcome"] == "locked"]
     final = {c.index: sw.cell_state(c) for c in plan.sweep.cells}

@@ -109,7 +109,8 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)  # steps between host reads of the metrics
     channels_last: Literal["auto", True, False] = "auto"
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast (norm statistics stay fp32)
-    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile mode
+    # torch.compile mode; auto: only where measured to pay (see engine.compile_mode)
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
 
 
 class ClipConfig(_Section):

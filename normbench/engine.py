@@ -87,6 +87,30 @@ def fast_sgd_flags() -> dict:
     return {"fused": True} if "fused" in inspect.signature(torch.optim.SGD).parameters else {"foreach": True}
 
 
+# Below this many steps, compiling (about 40 s on the 2-core CPU) costs more than it saves.
+AUTO_COMPILE_MIN_STEPS = 2000
+
+
+def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Optional[str]:
+    """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
+    was measured to pay (NormScheme.compile_max_batch: FRN at every batch, GN at batch 2; BN
+    and GN at larger batches were slower compiled) and only for runs long enough to amortise
+    the compile time, and only when a C compiler is present."""
+    import shutil
+
+    from normbench.norms import get_scheme
+
+    if cfg.train.compile == "none":
+        return None
+    if cfg.train.compile != "auto":
+        return cfg.train.compile
+    if device.type != "cpu" or total_steps < AUTO_COMPILE_MIN_STEPS:
+        return None
+    if cfg.train.batch_size > get_scheme(cfg.norm.kind).compile_max_batch:
+        return None
+    return "default" if (shutil.which("cc") or shutil.which("gcc")) else None
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (nesterov optional); weight decay optionally skips norms and biases."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -236,8 +260,7 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.train_model = self.model
-        if cfg.train.compile != "none":  # e.g. "reduce-overhead": CUDA graphs for the fixed-shape step
-            self.train_model = torch.compile(self.model, mode=cfg.train.compile)
+        self.compile_mode = None  # decided once the step count is known (below)
         self.autocast = None
         if cfg.train.amp == "bf16":
             self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -256,6 +279,10 @@ class Trainer:
         self.clipper = make_clipper(cfg.clip, self.model)
         self.steps_per_epoch = len(self.data.train_y) // self.global_batch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if not self.dist.enabled:  # under DDP the step stays eager
+            self.compile_mode = compile_mode(cfg, self.device, self.total_steps)
+        if self.compile_mode is not None:  # e.g. "reduce-overhead": CUDA graphs for the fixed-shape step
+            self.train_model = torch.compile(self.model, mode=self.compile_mode)
         self.progress_modules = [m for m in self.model.modules() if hasattr(m, "set_progress")]
         from normbench.analysis import make_analysis
 
@@ -478,6 +505,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "threads": torch.get_num_threads(),
             "channels_last": self.channels_last,
+            "compiled": self.compile_mode,
             "torch_version": torch.__version__,
             "data_source": self.data.source,
             "train_size": len(self.data.train_y),

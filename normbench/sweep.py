@@ -570,7 +570,7 @@ def _cell_progress(notify: Optional[Callable[..., None]], index: int):
 
 def run_cell(task: dict, notify: Optional[Callable[..., None]] = None,
              should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """Lock, re-check and train one cell; never raises for a failing run.
+    """Lock, re-check and train one cell (or a pack of cells); never raises for a failing run.
 
     ``task``: index, name, run_dir, config (a RunConfig dict), mode (normal | rerun | force),
     wait (block on a held lock), since (sweep start time: with ``force``, a summary newer than
@@ -578,6 +578,8 @@ def run_cell(task: dict, notify: Optional[Callable[..., None]] = None,
     ``outcome`` is trained | skipped | locked."""
     from normbench.tracking import RunDir
 
+    if "pack" in task:
+        return run_pack(task, notify)
     cfg = RunConfig.model_validate(task["config"])
     run_dir = RunDir(cfg.run_dir())
     run_dir.create()
@@ -626,6 +628,95 @@ def _train_cell(task: dict, cfg: RunConfig, run_dir, fresh: bool, notify) -> dic
     return _result(task, "trained", summary)
 
 
+def run_pack(task: dict, notify: Optional[Callable[..., None]] = None) -> dict:
+    """Train the member cells of a pack task as one packed network (normbench.packed).
+
+    Every member is locked first; members held by another process or already recorded are
+    left out (a pack of one trains alone). The packed training writes each member's own run
+    folder; its output goes to every member's train.log. Returns the lead member's result
+    with all members' results under ``members``."""
+    from normbench.packed import train_packed
+    from normbench.tracking import RunDir
+
+    locks, members, results = [], [], []
+    try:
+        for member in task["pack"]:
+            cfg = RunConfig.model_validate(member["config"])
+            run_dir = RunDir(cfg.run_dir())
+            run_dir.create()
+            lock = CellLock(run_dir.path / LOCK_NAME)
+            if not lock.acquire(False):
+                results.append(_result(member, "locked", holder=lock.holder()))
+                continue
+            locks.append(lock)
+            existing, problem = _safe_summary(run_dir.path)
+            status = existing.get("status") if existing else None
+            if status == "completed" or (status in ("failed", "diverged") and member.get("mode") == "normal"):
+                results.append(_result(member, "skipped", existing))
+                continue
+            members.append((member, cfg, run_dir))
+        if len(members) == 1:
+            member, cfg, run_dir = members[0]
+            results.append(_train_cell(member, cfg, run_dir, member.get("mode") == "force", notify))
+        elif members:
+            fresh = any(m.get("mode") == "force" for m, _, _ in members)
+            log = members[0][2].path / TRAIN_LOG
+            with redirect_output(log):
+                names = ", ".join(m["name"] for m, _, _ in members)
+                print(f"\n{ATTEMPT_MARK} packed x{len(members)}: {names} (pid {os.getpid()}, "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+                try:
+                    summaries = train_packed([cfg for _, cfg, _ in members], progress=_cell_progress(
+                        notify, members[0][0]["index"]), fresh=fresh)
+                except Exception as err:  # noqa: BLE001 - record every member as failed, go on
+                    text = traceback.format_exc()
+                    print(text, flush=True)
+                    summaries = []
+                    for member, cfg, run_dir in members:
+                        run_dir.write_error_log(text)
+                        run_dir.write_summary(_failed_summary(cfg, f"packed training failed: {type(err).__name__}",
+                                                              run_dir))
+                        summaries.append(run_dir.read_summary())
+            for (member, cfg, run_dir), summary in zip(members, summaries):
+                if run_dir.path / TRAIN_LOG != log:
+                    with open(run_dir.path / TRAIN_LOG, "a") as f:
+                        f.write(f"\n{ATTEMPT_MARK} packed with {names}: see {log}\n=== {summary.get('status')}\n")
+                results.append(_result(member, "trained", summary))
+    finally:
+        for lock in locks:
+            lock.release()
+    lead = next((r for r in results if r["index"] == task["index"]), results[0])
+    outcome = "trained" if any(r["outcome"] == "trained" for r in results) else lead["outcome"]
+    return {**lead, "outcome": outcome, "members": results}
+
+
+def pack_tasks(tasks: list[dict], pack: int) -> list[dict]:
+    """Group tasks whose cells differ only in seed into pack tasks of up to ``pack`` cells."""
+    from normbench.packed import pack_key, why_not_packable
+
+    if pack <= 1:
+        return tasks
+    groups: dict[tuple, list[dict]] = {}
+    out: list[dict] = []
+    for task in tasks:
+        cfg = RunConfig.model_validate(task["config"])
+        if why_not_packable(cfg) is not None:
+            out.append(task)
+            continue
+        groups.setdefault((pack_key(cfg), task["mode"]), []).append(task)
+    for members in groups.values():
+        for start in range(0, len(members), pack):
+            chunk = members[start:start + pack]
+            if len(chunk) == 1:
+                out.append(chunk[0])
+                continue
+            lead = chunk[0]
+            out.append({**lead, "name": f"{lead['name']} (+{len(chunk) - 1} packed)",
+                        "cost": sum(t["cost"] for t in chunk) / 3, "pack": chunk})
+    out.sort(key=lambda t: -t["cost"])
+    return out
+
+
 def _failed_summary(cfg: RunConfig, note: str, run_dir) -> dict:
     return {"status": "failed", "run_name": cfg.run_name, "run_id": cfg.config_hash(), "final_test_acc": None,
             "best_test_acc": None, "steps": 0, "note": note, "error_log": str(run_dir.error_log),
@@ -647,7 +738,7 @@ class Plan:
     since: float = field(default_factory=time.time)
 
 
-def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bool = False) -> Plan:
+def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bool = False, pack: int = 1) -> Plan:
     """Decide, per cell, whether to train it; tasks come out longest first (a cheap proxy)."""
     states = {cell.index: cell_state(cell) for cell in sweep.cells}
     mode = "force" if force else "rerun" if rerun_failed else "normal"
@@ -664,7 +755,7 @@ def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bo
         tasks.append({"index": cell.index, "name": cell.name, "run_dir": str(cell.run_dir), "config": cfg.to_dict(),
                       "mode": mode, "wait": False, "since": since, "cost": cost_proxy(cell.cfg)})
     tasks.sort(key=lambda t: -t["cost"])
-    return Plan(sweep, states, tasks, skipped, threads, since)
+    return Plan(sweep, states, pack_tasks(tasks, pack), skipped, threads, since)
 
 
 def cost_proxy(cfg: RunConfig) -> float:

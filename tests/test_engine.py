@@ -126,3 +126,14 @@ def test_bf16_autocast_trains_with_fp32_norm_statistics(tiny_cfg):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32))
     assert seen == [torch.float32]
+
+
+def test_auto_compile_only_where_measured_to_pay():
+    cpu = torch.device("cpu")
+    frn = load_config(None, ["norm.kind=frn", "train.batch_size=128"])
+    assert engine.compile_mode(frn, cpu, total_steps=10_000) == "default"
+    assert engine.compile_mode(frn, cpu, total_steps=100) is None  # too short to amortise
+    gn2, gn8 = (load_config(None, ["norm.kind=gn", f"train.batch_size={b}"]) for b in (2, 8))
+    assert engine.compile_mode(gn2, cpu, 10_000) == "default" and engine.compile_mode(gn8, cpu, 10_000) is None
+    assert engine.compile_mode(load_config(None, ["train.batch_size=2"]), cpu, 10_000) is None  # bn: eager
+    assert engine.compile_mode(load_config(None, ["train.compile=none", "norm.kind=frn"]), cpu, 10_000) is None

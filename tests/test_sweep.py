@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -220,6 +221,18 @@ def test_killed_sweep_restarts_without_retraining(tmp_path, synth_root):
     assert len(runs) == 3 and all(s["status"] == "completed" for s in runs.values())
     assert attempts(out / finished) == 1 and (out / finished / "summary.json").stat().st_mtime == stamp
     assert sum(attempts(out / n) for n in runs) <= 4  # at most the interrupted cell was started twice
+    # every cell ends exactly as in an uninterrupted sweep (same threads: bit-identical on CPU)
+    clean = tmp_path / "clean"
+    res = run_cli("sweep", str(path), "--out", str(clean), "--workers", "1", "--threads-per-worker", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    from normbench.tracking import RunDir
+
+    for name in runs:
+        a, b = RunDir(out / name).load_checkpoint()["model"], RunDir(clean / name).load_checkpoint()["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        ma = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in RunDir(out / name).read_metrics()]
+        mb = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in RunDir(clean / name).read_metrics()]
+        assert ma == mb, name
 
 
 def test_concurrent_sweeps_train_each_cell_once(tmp_path, synth_root):
@@ -230,8 +243,16 @@ def test_concurrent_sweeps_train_each_cell_once(tmp_path, synth_root):
     cmd = [sys.executable, "-m", "normbench", "sweep", str(path), "--workers", "1", "--threads-per-worker", "1"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
              for _ in range(2)]
+    # a report on the same folder while both sweeps write: never a torn read or a traceback
+    reports = []
+    while any(p.poll() is None for p in procs) and len(reports) < 20:
+        r = CliRunner().invoke(app, ["report", str(out)])
+        reports.append((r.exit_code, r.output))
+        time.sleep(0.2)
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
+    assert reports and all(code in (0, 2) and "Traceback" not in text and "corrupt" not in text
+                           for code, text in reports), reports
     runs = summaries(out)
     assert len(runs) == 4 and all(s["status"] == "completed" for s in runs.values())
     assert {n: attempts(out / n) for n in runs} == {n: 1 for n in runs}, outputs
@@ -305,3 +326,19 @@ def test_ray_backend_on_a_real_cluster(tmp_path, synth_root, ray_cluster):
     res = run_cli("sweep", str(path), "--backend", "ray", "--address", ray_cluster, timeout=240)
     assert res.returncode == 0 and "0 to train" in res.stdout
     assert all(attempts(out / n) == 1 for n in runs)
+
+
+def test_pack_trains_seeds_as_one_network_with_their_own_run_dirs(tmp_path, synth_root):
+    out = tmp_path / "out"
+    path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "brn"], "seed": [0, 1, 2]}, root=synth_root,
+                       out_dir=str(out), tb=False)
+    res = CliRunner().invoke(app, ["sweep", str(path), "--pack", "3", "--dry-run", "--no-estimate"])
+    assert res.exit_code == 0 and res.output.count("train") >= 6, res.output
+    res = run_cli("sweep", str(path), "--pack", "3", "--workers", "1", "--threads-per-worker", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = summaries(out)
+    assert len(runs) == 6 and all(s["status"] == "completed" for s in runs.values())
+    packed = {n: s.get("packed_members") for n, s in runs.items()}
+    assert sorted(v for n, v in packed.items() if n.startswith("bn-")) == [3, 3, 3]
+    assert all(v is None for n, v in packed.items() if n.startswith("brn-"))  # brn is not packable: alone
+    assert "6 done" in run_cli("sweep", str(path), "--pack", "3").stdout

@@ -72,6 +72,7 @@ class NormScheme:
     normalizes: str = ""  # what the statistics are computed over, for docs and reports
     paper: str = ""
     default_eps: float = 1e-5
+    compile_max_batch: int = 0  # train.compile=auto compiles the model on CPU up to this batch size
     prefers_channels_last: bool = True  # CPU speed: channels_last helps convs + BN, slows GN kernels
 
 
@@ -133,7 +134,8 @@ register(NormScheme(
 register(NormScheme(
     "gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
-    normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018", prefers_channels_last=False))
+    normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018", prefers_channels_last=False,
+    compile_max_batch=2))  # measured: compiled 192 vs 152 img/s at batch 2, slower from batch 8 on
 register(NormScheme(
     "ln",
     lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg)), _relu_if(act)),
@@ -155,7 +157,7 @@ register(NormScheme(
     lambda cfg, c, act, layer: NormAct(sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act), None),
     post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
-    default_eps=1e-6))
+    default_eps=1e-6, compile_max_batch=1 << 30))  # measured: compiled 1.5x at batch 2, 1.1x at 128
 register(NormScheme(
     "evonorm_s0",
     lambda cfg, c, act, layer: NormAct(sample.EvoNormS0(c, resolve_groups(cfg, c, layer), eps_of(cfg), act), None),
