@@ -44,14 +44,15 @@ def parse_args() -> argparse.Namespace:
                    "threads and cores x 1 thread")
     p.add_argument("--data-root", type=Path, default=None, help="a CIFAR-10 data root (default: synthetic data)")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--no-pack", action="store_true", help="skip the packed layouts (sweep --pack)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     return p.parse_args()
 
 
-def run_layout(sweep_file: Path, out: Path, workers: int, threads: int) -> dict:
+def run_layout(sweep_file: Path, out: Path, workers: int, threads: int, pack: int = 1) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "normbench", "sweep", str(sweep_file), "--out", str(out), "--workers", str(workers),
-           "--threads-per-worker", str(threads), "--no-progress"]
+           "--threads-per-worker", str(threads), "--pack", str(pack), "--no-progress"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
@@ -63,7 +64,8 @@ def run_layout(sweep_file: Path, out: Path, workers: int, threads: int) -> dict:
         sys.exit(f"bench_sweep: {len(bad)} cell(s) did not complete: {[s.get('note') for s in bad]}")
     images = sum(s["steps"] * s["config"]["train"]["batch_size"] for s in summaries)
     per_cell = [s["images_per_s"] for s in summaries if s.get("images_per_s")]
-    return {"layout": f"{workers} worker(s) x {threads} thread(s)", "workers": workers, "threads": threads,
+    layout = f"{workers} worker(s) x {threads} thread(s)" + (f", packed x{pack}" if pack > 1 else "")
+    return {"layout": layout, "workers": workers, "threads": threads, "pack": pack,
             "cells": len(summaries), "wall_s": wall, "cells_per_hour": 3600 * len(summaries) / wall,
             "images_per_s_sweep": images / wall,
             "images_per_s_per_cell": sum(per_cell) / len(per_cell) if per_cell else None,
@@ -97,18 +99,23 @@ def main() -> None:
         import yaml
 
         sweep_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-        layouts = [(1, args.cores), (args.cores, 1)] if args.cores > 1 else [(1, 1)]
+        layouts = [(1, args.cores, 1), (args.cores, 1, 1)] if args.cores > 1 else [(1, 1, 1)]
+        if not args.no_pack:  # packed runs: all cells in one network, or one pack per worker
+            layouts += [(1, args.cores, args.cells)]
+            if args.cores > 1 and args.cells >= 2 * args.cores:
+                layouts += [(args.cores, 1, args.cells // args.cores)]
         results = []
-        for workers, threads in layouts:
-            print(f"running {args.cells} cells with {workers} worker(s) x {threads} thread(s) ...", flush=True)
-            results.append(run_layout(sweep_file, work / f"w{workers}t{threads}", workers, threads))
+        for workers, threads, pack in layouts:
+            print(f"running {args.cells} cells with {workers} worker(s) x {threads} thread(s), pack {pack} ...", flush=True)
+            results.append(run_layout(sweep_file, work / f"w{workers}t{threads}p{pack}", workers, threads, pack))
         print(f"\n{args.cells} cells of ResNet-20 (width {args.width:g}) + BN, batch {args.batch}, {args.steps} steps each")
-        head = f"{'layout':<26}{'wall':>9}{'cells/h':>10}{'img/s sweep':>13}{'img/s per cell':>16}"
+        head = f"{'layout':<38}{'wall':>9}{'cells/h':>10}{'img/s sweep':>13}{'img/s per cell':>16}{'speed-up':>10}"
         print(head)
         print("-" * len(head))
         for r in results:
-            print(f"{r['layout']:<26}{r['wall_s']:>8.1f}s{r['cells_per_hour']:>10.1f}{r['images_per_s_sweep']:>13.1f}"
-                  f"{(r['images_per_s_per_cell'] or 0):>16.1f}")
+            r["speedup"] = results[0]["wall_s"] / r["wall_s"]
+            print(f"{r['layout']:<38}{r['wall_s']:>8.1f}s{r['cells_per_hour']:>10.1f}{r['images_per_s_sweep']:>13.1f}"
+                  f"{(r['images_per_s_per_cell'] or 0):>16.1f}{r['speedup']:>9.2f}x")
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                             indent=2) + "\n")
