@@ -345,13 +345,9 @@ class Trainer:
         if self.dist.enabled:  # loss and accuracy over all ranks' shards; any rank's fault counts
             from normbench.distributed import all_reduce_sum
 
-            stats = all_reduce_sum(stats.double() * torch.tensor([1, 1, 0, 0, 0, 0, 1], dtype=torch.float64,
-                                                                 device=stats.device), self.dist)
-            stats = stats / torch.tensor([self.dist.world_size, 1, 1, 1, 1, 1, 1], dtype=torch.float64,
-                                         device=stats.device) + torch.stack([
-                torch.zeros((), device=stats.device), torch.zeros((), device=stats.device), norms.mean(),
-                clipped.mean(), clipped.sum(), self._buffers["threshold"][-1].float(),
-                torch.zeros((), device=stats.device)]).double()
+            shared = all_reduce_sum(stats[[0, 1, 6]].double(), self.dist)
+            stats = stats.double()
+            stats[0], stats[1], stats[6] = shared[0] / self.dist.world_size, shared[1], shared[2]
         stats = stats.tolist()
         first_bad = None
         if stats[6]:
