@@ -12,6 +12,7 @@ markdown table: milliseconds per forward + backward and the ratio to nn.GroupNor
     python scripts/bench_norms.py                      # batch 2 and 128, 1 thread
     python scripts/bench_norms.py --naive              # also the plain-autograd FRN / EvoNorm
     python scripts/bench_norms.py --model              # + ResNet-20 train step, NCHW vs channels_last
+    python scripts/bench_norms.py --compiled           # + torch.compile'd custom units (and naive ones)
 """
 from __future__ import annotations
 
@@ -66,7 +67,10 @@ class Naive(nn.Module):
         return x * torch.sigmoid(x * e) / std * w + b
 
 
-def units(channels: int, naive: bool) -> dict[str, nn.Module]:
+COMPILED = ["ghost_bn", "brn", "frn", "evonorm_s0"]  # the units with hand-written maths
+
+
+def units(channels: int, naive: bool, compiled: bool = False) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {
         "nn.BatchNorm2d": nn.BatchNorm2d(channels),
         "nn.GroupNorm(8)": nn.GroupNorm(8, channels),
@@ -77,6 +81,13 @@ def units(channels: int, naive: bool) -> dict[str, nn.Module]:
     if naive:
         out["frn (plain autograd)"] = Naive("frn", channels)
         out["evonorm_s0 (plain autograd)"] = Naive("evonorm_s0", channels)
+    if compiled:  # what train.compile buys each hand-written unit (FRN / EvoNorm switch to their plain
+        # expressions under compile, Batch Renorm to its BN-kernel path)
+        # every unit and shape is its own compiled graph of the same forward code: lift dynamo's
+        # per-code recompile limit (8) so that none silently falls back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+        for kind in COMPILED:
+            out[f"{kind} unit, compiled"] = torch.compile(unit_for(kind, channels))
     return out
 
 
@@ -147,6 +158,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per unit per round")
     ap.add_argument("--naive", action="store_true", help="also time the plain-autograd FRN and EvoNorm-S0")
+    ap.add_argument("--compiled", action="store_true", help="also time torch.compile'd custom units")
     ap.add_argument("--convs", action="store_true", help="also time the weight-standardized convolutions")
     ap.add_argument("--model", action="store_true", help="also time a ResNet-20 step per scheme in both memory formats")
     ap.add_argument("--model-width", type=float, default=1.0)
@@ -162,7 +174,7 @@ def main() -> None:
             col = f"{c}x{h}x{w} b{batch}"
             columns.append(col)
             x = torch.randn(batch, c, h, w)
-            mods = units(c, args.naive)
+            mods = units(c, args.naive, args.compiled)
             if args.convs:
                 mods.update(conv_units(c))
             for name, ms in time_units(mods, x, args.rounds, args.min_time).items():

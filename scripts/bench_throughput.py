@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_throughput.py [--schemes bn,gn,frn] [--batches 2,8,32,128]
                                                  [--seconds 2] [--windows 5] [--json out.json]
+                                                 [--compare-compile]
 
 (a) "plain": the loop a typical user writes: a torchvision-style Dataset that turns each
     uint8 image into a PIL image and applies RandomCrop(32, padding=4), RandomHorizontalFlip,
@@ -19,6 +20,10 @@ the median images/s is reported. The roof: the 3x3 convolutions of ResNet-20 mea
 this run at batch 128 (channels_last, forward) give the CPU's sustained GFLOP/s; a training
 step costs 3x the forward FLOPs (0.242 GFLOP per image in all), so roof img/s =
 GFLOP/s / 0.242. Prints a markdown table and writes JSON.
+
+``--compare-compile`` also times the engine with ``train.compile`` forced to ``none`` (eager)
+and to ``default`` (torch.compile) in the same run: the measurements behind each scheme's
+``compile_max_batch`` (what ``train.compile: auto`` decides).
 """
 from __future__ import annotations
 
@@ -157,6 +162,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default="bench_throughput.json")
+    ap.add_argument("--compare-compile", action="store_true",
+                    help="also time the engine eager (train.compile=none) and compiled (default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     roof = conv_roof(args.threads)
@@ -170,8 +177,13 @@ def main() -> None:
             cfg = load_config(None, ["device=cpu", f"threads={args.threads}", f"norm.kind={scheme}",
                                      f"train.batch_size={batch}", "log.tensorboard=false"])
             result = {"scheme": scheme, "batch": batch}
-            for name, make in (("plain", lambda: plain_loop(cfg, data.train_x, data.train_y)),
-                               ("normbench", lambda: engine_loop(cfg)[0])):
+            variants = [("plain", lambda: plain_loop(cfg, data.train_x, data.train_y)),
+                        ("normbench", lambda: engine_loop(cfg)[0])]
+            if args.compare_compile:
+                for mode in ("none", "default"):
+                    forced = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": mode})})
+                    variants.append((f"compile={mode}", lambda forced=forced: engine_loop(forced)[0]))
+            for name, make in variants:
                 step = make()
                 n = calibrate(step, args.seconds)
                 result[name] = timed_windows(step, n, args.windows, batch, warmup=2)
@@ -179,13 +191,23 @@ def main() -> None:
             result["ratio"] = result["normbench"] / result["plain"]
             result["roof_frac"] = result["normbench"] / roof["roof_images_per_s"]
             rows.append(result)
+            extra = ""
+            if args.compare_compile:
+                extra = (f"; eager {result['compile=none']:.0f}, compiled {result['compile=default']:.0f} "
+                         f"(x{result['compile=default'] / result['compile=none']:.2f})")
             print(f"  {scheme} b{batch}: plain {result['plain']:.0f}, normbench {result['normbench']:.0f} img/s "
-                  f"(x{result['ratio']:.2f}, {result['roof_frac']:.2f} of roof)", flush=True)
+                  f"(x{result['ratio']:.2f}, {result['roof_frac']:.2f} of roof){extra}", flush=True)
     print()
     print(f"| scheme | batch | plain loop img/s | normbench img/s | ratio | fraction of roof ({roof['roof_images_per_s']:.0f} img/s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scheme']} | {r['batch']} | {r['plain']:.0f} | {r['normbench']:.0f} | {r['ratio']:.2f} | {r['roof_frac']:.2f} |")
+    if args.compare_compile:
+        print("\n| scheme | batch | engine eager img/s | engine compiled img/s | compiled / eager |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            eager, comp = r["compile=none"], r["compile=default"]
+            print(f"| {r['scheme']} | {r['batch']} | {eager:.0f} | {comp:.0f} | {comp / eager:.2f} |")
     Path(args.json).write_text(json.dumps({"roof": roof, "threads": args.threads, "torch": torch.__version__,
                                            "rows": rows}, indent=1))
     print(f"\nwrote {args.json}")
