@@ -81,8 +81,8 @@ def units(channels: int, naive: bool, compiled: bool = False) -> dict[str, nn.Mo
     if naive:
         out["frn (plain autograd)"] = Naive("frn", channels)
         out["evonorm_s0 (plain autograd)"] = Naive("evonorm_s0", channels)
-    if compiled:  # what train.compile buys each hand-written unit (FRN / EvoNorm switch to their plain
-        # expressions under compile, Batch Renorm to its BN-kernel path)
+    if compiled:  # each hand-written unit compiled ALONE (a whole compiled model fuses across layers;
+        # that is what train.compile does: scripts/bench_throughput.py --compare-compile)
         # every unit and shape is its own compiled graph of the same forward code: lift dynamo's
         # per-code recompile limit (8) so that none silently falls back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
@@ -97,17 +97,35 @@ def conv_units(channels: int) -> dict[str, nn.Module]:
             "scaled ws conv3x3 (nf)": ScaledWSConv2d(channels, channels, 3)}
 
 
-def time_units(mods: dict[str, nn.Module], x: torch.Tensor, rounds: int, min_time: float) -> dict[str, float]:
-    """Best-of-rounds milliseconds per forward + backward, units interleaved."""
-    g = torch.randn_like(x)
-    inputs = {name: x.detach().clone().requires_grad_() for name in mods}
+def unit_layout(name: str) -> torch.memory_format:
+    """The memory format the model runs a unit in (NormScheme.prefers_channels_last; the engine
+    converts the whole model): channels_last for bn, ghost_bn, frn, evonorm_s0, nf, none; NCHW
+    for brn and the GroupNorm family. The references: nn.BatchNorm2d as bn, nn.GroupNorm as gn."""
+    kind = name.split(" ")[0]
+    kind = {"nn.BatchNorm2d": "bn", "nn.GroupNorm(8)": "gn", "nn.GroupNorm(8)+ReLU": "gn"}.get(kind, kind)
+    kind = "frn" if kind.startswith("frn") else "evonorm_s0" if kind.startswith("evonorm") else kind
+    try:
+        cl = get_scheme(kind).prefers_channels_last
+    except Exception:  # noqa: BLE001  (convs and other extras: NCHW)
+        cl = False
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def time_units(mods: dict[str, nn.Module], x: torch.Tensor, rounds: int, min_time: float,
+               model_layout: bool = True) -> dict[str, float]:
+    """Best-of-rounds milliseconds per forward + backward, units interleaved; each unit in the
+    memory format the model runs it in (``model_layout``) or all NCHW."""
+    inputs = {name: x.detach().clone().contiguous(
+        memory_format=unit_layout(name) if model_layout else torch.contiguous_format).requires_grad_()
+        for name in mods}
+    grads = {name: torch.randn_like(inputs[name]) for name in mods}
     for name, mod in mods.items():  # warm up
         for _ in range(2):
-            mod(inputs[name]).backward(g)
+            mod(inputs[name]).backward(grads[name])
     best = {name: float("inf") for name in mods}
     for _ in range(rounds):
         for name, mod in mods.items():
-            xi, n, t0 = inputs[name], 0, time.perf_counter()
+            xi, g, n, t0 = inputs[name], grads[name], 0, time.perf_counter()
             while True:
                 mod(xi).backward(g)
                 n += 1
@@ -158,6 +176,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per unit per round")
     ap.add_argument("--naive", action="store_true", help="also time the plain-autograd FRN and EvoNorm-S0")
+    ap.add_argument("--nchw", action="store_true", help="every unit in NCHW (default: the model's memory format "
+                                                        "per scheme, channels_last for bn/ghost_bn/frn/evonorm_s0)")
     ap.add_argument("--compiled", action="store_true", help="also time torch.compile'd custom units")
     ap.add_argument("--convs", action="store_true", help="also time the weight-standardized convolutions")
     ap.add_argument("--model", action="store_true", help="also time a ResNet-20 step per scheme in both memory formats")
@@ -177,7 +197,7 @@ def main() -> None:
             mods = units(c, args.naive, args.compiled)
             if args.convs:
                 mods.update(conv_units(c))
-            for name, ms in time_units(mods, x, args.rounds, args.min_time).items():
+            for name, ms in time_units(mods, x, args.rounds, args.min_time, not args.nchw).items():
                 results.setdefault(name, {})[col] = ms
             print(f"measured {col}", file=sys.stderr)
 
@@ -196,8 +216,9 @@ def main() -> None:
 
 def print_table(results: dict, columns: list[str], args) -> None:
     ref = results["nn.GroupNorm(8)+ReLU"]
+    layout = "all NCHW" if args.nchw else "each unit in the model's memory format (channels_last: bn, ghost_bn, frn, evonorm_s0, nf, none)"
     print(f"Forward + backward, ms (ratio to nn.GroupNorm(8)+ReLU); torch {torch.__version__}, "
-          f"{args.threads} thread(s), best of {args.rounds} rounds\n")
+          f"{args.threads} thread(s), best of {args.rounds} rounds; {layout}\n")
     print("| unit | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name, row in results.items():

@@ -21,11 +21,10 @@ from normbench.config import NormConfig, load_config
 from normbench.errors import UserError
 from normbench.models import ARCH_OVERRIDES, build_model
 from normbench.norms import available_norms, eps_of, functional, get_scheme
-from normbench.norms import sample as sample_module
 from normbench.norms.batch import (BatchNorm2d, BatchRenorm2d, ChunkedBatchNormFn, GhostBatchNorm2d, _Chunks,
                                    ghost_chunk_sizes)
 from normbench.norms.sample import (EvoNormS0, EvoNormS0Fn, FilterResponseNorm2d, FRNFn, GroupNorm, InstanceNorm2d,
-                                    LayerNorm2d, TLU, TLUFn, frn_expression)
+                                    LayerNorm2d, TLU, TLUFn)
 from normbench.norms.weight import (NF_RELU_GAIN, ScaledReLU, ScaledWSConv2d, WSConv2d, scaled_standardize_weight,
                                     standardize_weight)
 
@@ -392,68 +391,6 @@ def test_frn_tlu_against_formula_and_gradcheck(kernels, cl):
     with torch.no_grad():
         tlu.tau.copy_(tau)
     torch.testing.assert_close(tlu(x), torch.maximum(x, per_c(tau)))
-
-
-def test_frn_expression_used_under_compile_matches_frnfn(monkeypatch):
-    """The plain expression FRN switches to under torch.compile: same values and gradients as
-    the hand-written FRNFn (float64), learned eps included; and a compiled layer really takes
-    it (aot_eager backend: traced by dynamo, no C++ build) and agrees with eager."""
-    x = rand(3, 4, 3, 3, dtype=D64).requires_grad_()
-    w, b = affine_params(4)
-    tau = (torch.randn(4, dtype=D64) * 0.3).requires_grad_()
-    eps_l = torch.tensor(0.05, dtype=D64, requires_grad=True)
-    for t in (tau, None):
-        args = (x, w, b, t, 1e-6 + eps_l.abs())
-        leaves = [a for a in (x, w, b, t, eps_l) if a is not None]
-        ours, ref = frn_expression(*args), FRNFn.apply(*args)
-        torch.testing.assert_close(ours, ref)
-        g = torch.randn_like(ref)
-        torch.testing.assert_close(torch.autograd.grad(ours, leaves, g, retain_graph=True),
-                                   torch.autograd.grad(ref, leaves, g))
-    layer = FilterResponseNorm2d(4, learn_eps=True).double()
-    with torch.no_grad():
-        layer.weight.copy_(w), layer.bias.copy_(b), layer.tau.copy_(tau)
-    assert_compiled_layer_takes(monkeypatch, layer, "frn_expression", x)
-
-
-def assert_compiled_layer_takes(monkeypatch, layer, expression: str, x):
-    """``torch.compile(layer)`` (aot_eager backend: traced by dynamo, no C++ build) calls
-    ``normbench.norms.sample.<expression>`` and agrees with the eager layer, output and dx."""
-    calls, plain = [], getattr(sample_module, expression)
-
-    def recording(*a):
-        calls.append(1)
-        return plain(*a)
-
-    monkeypatch.setattr(sample_module, expression, recording)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    assert calls, f"the compiled layer did not take {expression}"
-    torch.testing.assert_close(out, layer(x))
-    gx_c, = torch.autograd.grad(compiled(x).square().sum(), x)
-    gx_e, = torch.autograd.grad(layer(x).square().sum(), x)
-    torch.testing.assert_close(gx_c, gx_e)
-    torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("act", [True, False], ids=["s0", "scale_only"])
-def test_evonorm_expression_used_under_compile_matches_fn(monkeypatch, act):
-    """EvoNorm-S0's plain expression (used under torch.compile) equals EvoNormS0Fn (float64)."""
-    x = rand(2, 8, 3, 3, dtype=D64).requires_grad_()
-    w, b = affine_params(8)
-    v = (1 + torch.randn(8, dtype=D64) * 0.3).requires_grad_() if act else None
-    leaves = [a for a in (x, v, w, b) if a is not None]
-    ours, ref = sample_module.evonorm_s0_expression(x, v, w, b, 2, 1e-5), EvoNormS0Fn.apply(x, v, w, b, 2, 1e-5)
-    torch.testing.assert_close(ours, ref)
-    g = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(ref, leaves, g))
-    layer = EvoNormS0(8, groups=2, apply_act=act).double()
-    with torch.no_grad():
-        layer.weight.copy_(w), layer.bias.copy_(b)
-        if act:
-            layer.v.copy_(v)
-    assert_compiled_layer_takes(monkeypatch, layer, "evonorm_s0_expression", x)
 
 
 def test_frn_learned_eps_and_defaults():

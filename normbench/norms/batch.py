@@ -297,10 +297,8 @@ class BatchRenorm2d(nn.Module):
                                 False, 0.0, 0.0)
         reject_single_value(x, x.shape[0], self.layer, "Batch Renorm")
         path = self.path
-        if path == "auto":  # measured (scripts/bench_norms.py): the BN kernel wins on small CPU batches;
-            # under torch.compile the kernel path is plain batch_norm maths, which the compiler fuses
-            path = ("kernel" if x.device.type != "cpu" or x.numel() <= KERNEL_PATH_MAX_NUMEL
-                    or torch.compiler.is_compiling() else "chunked")
+        if path == "auto":  # measured (scripts/bench_norms.py): the BN kernel wins on small CPU batches
+            path = "kernel" if x.device.type != "cpu" or x.numel() <= KERNEL_PATH_MAX_NUMEL else "chunked"
         if path == "kernel":
             y, mean, var = self._forward_kernel(x)
         else:

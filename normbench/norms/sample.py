@@ -55,23 +55,6 @@ def _tlu_grads(gz: torch.Tensor, z: torch.Tensor, tau: torch.Tensor):
     return gy, gz.sum((0, 2, 3)) - gy.sum((0, 2, 3))
 
 
-def frn_expression(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tau, eps) -> torch.Tensor:
-    """FRN (+ TLU when ``tau`` is given) as one plain tensor expression (Singh & Krishnan 2019,
-    Eq. 1-4), differentiated by autograd. This is the form ``torch.compile`` fuses into a few
-    loops; the hand-written :class:`FRNFn` is built from eager kernels that the compiler can
-    only call one by one (measured by scripts/bench_norms.py --compiled: the compiled
-    expression is several times faster than the compiled FRNFn at batch 128). Same maths;
-    only at an exact tie y = tau does max's gradient differ (split in half here, all to tau
-    in FRNFn). Computed in float32 at least (statistics stay fp32 under bf16 autocast), returned
-    in x's dtype."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    nu2 = xf.square().mean((2, 3), keepdim=True)
-    y = xf * torch.rsqrt(nu2 + eps) * _per_channel(weight.to(xf.dtype)) + _per_channel(bias.to(xf.dtype))
-    if tau is not None:
-        y = torch.maximum(y, _per_channel(tau.to(xf.dtype)))
-    return y.to(x.dtype)
-
-
 class TLUFn(torch.autograd.Function):
     """z = max(x, tau), tau per channel (in x's dtype, e.g. under bf16 autocast)."""
 
@@ -164,8 +147,6 @@ class FilterResponseNorm2d(nn.Module):
         return FRN_EPS_FLOOR + self.eps_l.abs() if self.eps_l is not None else self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # let the compiler fuse the plain expression
-            return frn_expression(x, self.weight, self.bias, self.tau, self.effective_eps())
         return FRNFn.apply(x, self.weight, self.bias, self.tau, self.effective_eps())
 
 
@@ -179,24 +160,7 @@ class TLU(nn.Module):
         self.tau = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # a plain maximum fuses with its neighbours
-            return torch.maximum(x, _per_channel(self.tau.to(x.dtype)))
         return TLUFn.apply(x, self.tau)
-
-
-def evonorm_s0_expression(x: torch.Tensor, v, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                         eps: float) -> torch.Tensor:
-    """EvoNorm-S0 (``v`` given) or group-std scaling (``v`` None) as one plain tensor
-    expression (Liu et al. 2020, Table 1), differentiated by autograd: the form
-    ``torch.compile`` fuses (a group reduction, then one pointwise loop), used instead of
-    :class:`EvoNormS0Fn` when the model is compiled. Computed in float32 at least, returned in
-    x's dtype."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    bsz, c, h, w = xf.shape
-    var = xf.reshape(bsz, groups, -1).var(-1, correction=0, keepdim=True)
-    q = xf * torch.sigmoid(xf * _per_channel(v.to(xf.dtype))) if v is not None else xf
-    z = (q.reshape(bsz, groups, -1) * torch.rsqrt(var + eps)).reshape(bsz, c, h, w)
-    return (z * _per_channel(weight.to(xf.dtype)) + _per_channel(bias.to(xf.dtype))).to(x.dtype)
 
 
 class EvoNormS0Fn(torch.autograd.Function):
@@ -275,6 +239,4 @@ class EvoNormS0(nn.Module):
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # let the compiler fuse the plain expression
-            return evonorm_s0_expression(x, self.v, self.weight, self.bias, self.groups, self.eps)
         return EvoNormS0Fn.apply(x, self.v, self.weight, self.bias, self.groups, self.eps)
