@@ -133,6 +133,10 @@ def test_auto_compile_only_where_measured_to_pay():
     frn = load_config(None, ["norm.kind=frn", "train.batch_size=128"])
     assert engine.compile_mode(frn, cpu, total_steps=10_000) == "default"
     assert engine.compile_mode(frn, cpu, total_steps=100) is None  # too short to amortise
+    evo = load_config(None, ["norm.kind=evonorm_s0", "train.batch_size=128"])
+    assert engine.compile_mode(evo, cpu, 10_000) == "default"
+    for kind in ("ghost_bn", "brn"):  # measured: no consistent gain from compiling
+        assert engine.compile_mode(load_config(None, [f"norm.kind={kind}", "train.batch_size=8"]), cpu, 10_000) is None
     gn2, gn8 = (load_config(None, ["norm.kind=gn", f"train.batch_size={b}"]) for b in (2, 8))
     assert engine.compile_mode(gn2, cpu, 10_000) == "default" and engine.compile_mode(gn8, cpu, 10_000) is None
     assert engine.compile_mode(load_config(None, ["train.batch_size=2"]), cpu, 10_000) is None  # bn: eager
