@@ -93,9 +93,9 @@ AUTO_COMPILE_MIN_STEPS = 2000
 
 def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Optional[str]:
     """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
-    was measured to pay (NormScheme.compile_max_batch: FRN at every batch, GN at batch 2; BN
-    and GN at larger batches were slower compiled) and only for runs long enough to amortise
-    the compile time, and only when a C compiler is present."""
+    was measured to pay (NormScheme.compile_max_batch: FRN and EvoNorm-S0 at every batch, GN at
+    batch 2; BN, Ghost BN, Batch Renorm and GN at larger batches were not faster compiled) and
+    only for runs long enough to amortise the compile time, and only when a C compiler is present."""
     import shutil
 
     from normbench.norms import get_scheme

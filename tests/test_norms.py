@@ -58,6 +58,33 @@ def per_c(t):
     return t.view(1, -1, 1, 1)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 16, 4, 4), (1, 3, 2, 2)])
+def test_functional_channels_last_rows_path_matches_formulas(shape):
+    """The channels_last (B, H*W, C) paths of moments / mean_sq / affine_bc / affine_bc_backward
+    against direct float64 formulas (and they really are taken)."""
+    x = rand(*shape, dtype=D64, cl=True)
+    g = rand(*shape, seed=3, dtype=D64, cl=True)
+    assert functional.nhwc_rows(x) is not None and functional.nhwc_rows(x.contiguous()) is None
+    b, c = shape[:2]
+    a, bias, var = rand(b, c, seed=4, dtype=D64), rand(b, c, seed=5, dtype=D64), rand(b, c, seed=6, dtype=D64).abs()
+    mean, rstd = functional.moments(x, None, 1e-5)
+    torch.testing.assert_close(mean, x.mean((2, 3)))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.var((2, 3), correction=0) + 1e-5))
+    torch.testing.assert_close(functional.mean_sq(x), (x * x).mean((2, 3)))
+    a4, b4, s4 = a.view(b, c, 1, 1), bias.view(b, c, 1, 1), torch.rsqrt(var + 1e-3).view(b, c, 1, 1)
+    y = functional.affine_bc(x, a, bias, var, 1e-3)
+    torch.testing.assert_close(y, x * a4 * s4 + b4)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y._base is None
+    torch.testing.assert_close(functional.affine_bc(x, a), x * a4)
+    gi, dot, gsum = functional.affine_bc_backward(g, x, a, var, 1e-3)
+    torch.testing.assert_close(gi, g * a4 * s4)
+    torch.testing.assert_close(dot, (g * x * s4).sum((2, 3)))
+    torch.testing.assert_close(gsum, g.sum((2, 3)))
+    gi, dot, _ = functional.affine_bc_backward(g, x, a, need_dot=False)
+    torch.testing.assert_close(gi, g * a4)
+    assert dot is None and gi._base is None
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -213,11 +240,12 @@ def test_ghost_bn_gradcheck(kernels):
         assert gradcheck(lambda x, w, b: ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, None)[0], (x, w, b))
 
 
+@pytest.mark.parametrize("g_cl", [False, True], ids=["grad_nchw", "grad_channels_last"])
 @pytest.mark.parametrize("make", [lambda: GhostBatchNorm2d(3, ghost_batch_size=2),
                                   lambda: _brn_chunked(3)], ids=["ghost_bn", "brn"])
-def test_chunked_bn_channels_last_matches_nchw(make):
+def test_chunked_bn_channels_last_matches_nchw(make, g_cl):
     x = rand(6, 3, 4, 4)
-    g = rand(6, 3, 4, 4, seed=2)
+    g = rand(6, 3, 4, 4, seed=2, cl=g_cl)
     outs = []
     for cl in (False, True):
         layer = make()

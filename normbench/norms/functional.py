@@ -18,9 +18,12 @@ plane, with cross-sample combinations done on tiny (B, C) tensors:
   sqrt(var + eps), sum_HW g)``, via the inference-mode BatchNorm backward kernel, which
   returns exactly these three.
 
-On other devices, and for tensors that are not plain NCHW-contiguous (e.g. channels_last),
-the same maths runs as ordinary broadcasting ops. ``FAST_KERNELS = False`` forces that path
-(the tests compare both).
+For channels_last tensors on CPU (the layout of the bn/ghost_bn/frn/evonorm_s0 models) the
+same quantities come from the (B, H*W, C) view of the memory, where a reduction over H*W runs
+along contiguous rows of C: PyTorch's GroupNorm kernel with G = C and ``vector_norm`` over
+(H, W) were measured 5-25x slower there (scripts/bench_norms.py, channels_last columns).
+On other devices, and for other layouts, the same maths runs as ordinary broadcasting ops.
+``FAST_KERNELS = False`` forces that path (the tests compare all of them).
 """
 from __future__ import annotations
 
@@ -50,12 +53,33 @@ def use_fast(x: torch.Tensor) -> bool:
     return FAST_KERNELS and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
 
 
+def nhwc_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, H*W, C) view of a CPU channels_last tensor (None for any other tensor, and for
+    shapes where channels_last and NCHW coincide, which the NCHW path handles)."""
+    if (not FAST_KERNELS or x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous()
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).view(b, h * w, c)
+
+
+def _empty_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new channels_last tensor shaped like x, and its (B, H*W, C) view (to write into)."""
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    return out, out.permute(0, 2, 3, 1).view(x.shape[0], -1, x.shape[1])
+
+
 def moments(x: torch.Tensor, groups: Optional[int] = None, eps: float = 0.0):
     """(mean, rstd) over (C/G, H, W) per sample and group, each (B, G); biased variance,
     rstd = 1 / sqrt(var + eps). ``groups=None``: G = C. With eps = 0, var = rstd ** -2
     (an all-constant plane gives rstd = inf and var = 0 exactly)."""
     b, c = x.shape[0], x.shape[1]
     g = c if groups is None else groups
+    rows = nhwc_rows(x) if g == c else None
+    if rows is not None:  # two passes over contiguous rows: mean, then mean squared deviation
+        mean = rows.mean(1, keepdim=True)
+        var = (rows - mean).square_().mean(1)
+        return mean.view(b, c), torch.rsqrt(var + eps)
     if x.device.type == "cpu" and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, x.shape[2] * x.shape[3], g, eps)
         return mean, rstd
@@ -69,6 +93,16 @@ def affine_bc(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor] = None
 
     The result is never a view (callers may modify it in place)."""
     bsz, c = x.shape[0], x.shape[1]
+    rows = nhwc_rows(x)
+    if rows is not None:
+        if var is not None:
+            a = a * torch.rsqrt(var + eps)
+        out, out_rows = _empty_nhwc(x)
+        if b is not None:
+            torch.addcmul(b.reshape(bsz, 1, c), rows, a.reshape(bsz, 1, c), out=out_rows)
+        else:
+            torch.mul(rows, a.reshape(bsz, 1, c), out=out_rows)
+        return out
     if use_fast(x):
         n = bsz * c
         out = torch.batch_norm(x.view(1, n, x.shape[2], x.shape[3]), a.reshape(n),
@@ -87,6 +121,17 @@ def affine_bc_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, var: O
     sum_HW g * x * s, sum_HW g), the sums of shape (B, C); the second is None unless
     ``need_dot``. The first is never a view."""
     bsz, c = x.shape[0], x.shape[1]
+    rows, g_rows = nhwc_rows(x), nhwc_rows(g)
+    if rows is not None and g_rows is not None:
+        if var is not None:
+            s = torch.rsqrt(var + eps).reshape(bsz, c)
+            a = a * s
+        gi, gi_rows = _empty_nhwc(x)
+        torch.mul(g_rows, a.reshape(bsz, 1, c), out=gi_rows)
+        dot = (g_rows * rows).sum(1) if need_dot else None
+        if dot is not None and var is not None:
+            dot = dot * s
+        return gi, dot, g_rows.sum(1)
     if use_fast(x) and g.is_contiguous():
         n = bsz * c
         shape = (1, n, x.shape[2], x.shape[3])
@@ -107,4 +152,7 @@ def affine_bc_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, var: O
 
 def mean_sq(x: torch.Tensor) -> torch.Tensor:
     """mean over (H, W) of x^2 per (sample, channel), shape (B, C)."""
+    rows = nhwc_rows(x)
+    if rows is not None:
+        return (rows * rows).mean(1)
     return torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(x.shape[2] * x.shape[3])
