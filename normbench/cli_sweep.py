@@ -37,7 +37,7 @@ def sweep(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
                                           help="Parallel cells (default: one per core, at most 8; one per GPU)."),
     threads: Optional[int] = typer.Option(None, "--threads-per-worker", "-t", min=1,
-                                          help="Torch threads per cell (default: cores / workers)."),
+                                          help="Torch threads per cell (default: cores / workers; fewer cells than workers get the spare cores)."),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0, help="Ray: num_gpus of each cell's task."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of the live view."),
     pack: int = typer.Option(1, "--pack", "-k", min=1, help="Train up to K cells that differ only in seed as one "
@@ -56,9 +56,11 @@ def sweep(
         from normbench.config import parse_overrides
 
         spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
-        n_workers = workers or sw.default_workers(spec.cells)
-        n_threads = threads or sw.default_threads(n_workers)
+        n_workers, n_threads = sw.local_layout(0, workers, threads, spec.cells)
         plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
+        if backend == "local" and sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1] != n_threads:
+            n_threads = sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1]  # spare cores as threads
+            plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
         if dry_run:
             _print_dry_run(plan, n_workers, backend, no_estimate)
             return

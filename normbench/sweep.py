@@ -1439,3 +1439,15 @@ def default_workers(cells: list[Cell]) -> int:
 
 def default_threads(workers: int) -> int:
     return max(1, usable_cores() // max(1, workers))
+
+
+def local_layout(n_tasks: int, workers: Optional[int], threads: Optional[int], cells: list[Cell]) -> tuple[int, int]:
+    """(workers, threads per worker) for the local executor. Defaults: one single-thread worker
+    per core (small-batch cells scale far better across processes than across threads), but
+    never more workers than cells to train: with fewer cells than cores, each cell gets the
+    spare cores as threads (a lone cell on 2 cores trains with 2 threads, not 1)."""
+    n_workers = workers or default_workers(cells)
+    if threads:
+        return n_workers, threads
+    busy = min(n_workers, n_tasks) if n_tasks > 0 else n_workers
+    return n_workers, default_threads(busy)

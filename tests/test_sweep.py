@@ -342,3 +342,18 @@ def test_pack_trains_seeds_as_one_network_with_their_own_run_dirs(tmp_path, synt
     assert sorted(v for n, v in packed.items() if n.startswith("bn-")) == [3, 3, 3]
     assert all(v is None for n, v in packed.items() if n.startswith("brn-"))  # brn is not packable: alone
     assert "6 done" in run_cli("sweep", str(path), "--pack", "3").stdout
+
+
+def test_local_layout_gives_spare_cores_to_the_last_cells(monkeypatch):
+    """One single-thread worker per core by default; fewer cells than cores get the spare
+    cores as threads; explicit --workers / --threads-per-worker always win."""
+    import normbench.sweep as sw
+
+    monkeypatch.setattr(sw, "usable_cores", lambda: 4)
+    cpu_cells = [type("C", (), {"cfg": type("Cfg", (), {"device": "cpu"})()})()] * 6
+    assert sw.local_layout(6, None, None, cpu_cells) == (4, 1)
+    assert sw.local_layout(2, None, None, cpu_cells) == (4, 2)
+    assert sw.local_layout(1, None, None, cpu_cells) == (4, 4)
+    assert sw.local_layout(0, None, None, cpu_cells) == (4, 1)  # nothing to train: the nominal layout
+    assert sw.local_layout(1, 2, None, cpu_cells) == (2, 4)
+    assert sw.local_layout(1, None, 1, cpu_cells) == (4, 1)
