@@ -78,7 +78,7 @@ def sweep(
         else:
             executor = sw.LocalExecutor(n_workers, n_threads, display, cuda_devices=sw.cuda_device_count()
                                         if any(c.cfg.device != "cpu" for c in spec.cells) else 0)
-        display.begin(len(plan.tasks))
+        display.begin(len(plan.tasks), {t["index"]: t["cost"] for t in plan.tasks})
         try:
             results = executor.run(plan.tasks)
         finally:

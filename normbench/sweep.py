@@ -758,11 +758,21 @@ def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bo
     return Plan(sweep, states, pack_tasks(tasks, pack), skipped, threads, since)
 
 
+STEP_OVERHEAD_IMAGES = {"cpu": 3, "other": 24}  # a step's fixed cost, in images' worth of compute
+EVAL_IMAGES = 10000 / 3  # one evaluation of the test set (forward only) in training images' worth
+
+
 def cost_proxy(cfg: RunConfig) -> float:
-    """Relative training cost without measuring: images seen, plus a per-step overhead."""
+    """Relative cost of a cell without measuring: images seen plus a per-step overhead, plus
+    its evaluations. The overhead (in images' worth) is what a ResNet-20 step costs beyond its
+    images: ~3 on one CPU thread (measured: batch 2 at ~140 img/s, batch 32 at ~290 img/s per
+    single-thread worker on the 2-core machine), far more on a GPU, where small steps are
+    almost all launch overhead."""
     n = cfg.data.train_subset or 50000
     steps = (n // cfg.train.batch_size) * cfg.train.epochs
-    return steps * (cfg.train.batch_size + 24) * cfg.model.width ** 2
+    overhead = STEP_OVERHEAD_IMAGES["cpu" if cfg.device == "cpu" or not cuda_device_count() else "other"]
+    evals = max(1, cfg.train.epochs // cfg.train.eval_every)
+    return (steps * (cfg.train.batch_size + overhead) + evals * EVAL_IMAGES) * cfg.model.width ** 2
 
 
 def write_manifest(sweep: Sweep) -> None:
@@ -940,7 +950,7 @@ def fmt_duration(seconds: Optional[float]) -> str:
 class SweepDisplay:
     """Callbacks an executor uses to show the sweep's progress; the defaults do nothing."""
 
-    def begin(self, total: int) -> None: ...
+    def begin(self, total: int, weights: Optional[dict[int, float]] = None) -> None: ...
     def started(self, index: int, name: str, total_steps: int, done_steps: int) -> None: ...
     def step(self, index: int, step: int) -> None: ...
     def finished(self, result: dict) -> None: ...
@@ -970,11 +980,21 @@ class _Counts:
     def __init__(self):
         self.total = self.done = self.failed = 0
         self.running: dict[int, list] = {}  # index -> [name, total, step]
+        self.weights: dict[int, float] = {}  # index -> estimated cost (cost_proxy); empty: all alike
+        self.done_weight = 0.0
         self.t0 = time.monotonic()
 
+    def finish(self, index: int) -> None:
+        self.done += 1
+        self.done_weight += self.weights.get(index, 0.0)
+
     def fraction_done(self) -> float:
-        part = sum(step / tot for _, tot, step in self.running.values() if tot)
-        return self.done + part
+        """Tasks done, each counted by its estimated cost when known (long cells run first, so
+        counting tasks alike would make the ETA far too long early on), in units of tasks."""
+        if not self.weights:
+            return self.done + sum(step / tot for _, tot, step in self.running.values() if tot)
+        part = sum(self.weights.get(i, 0.0) * step / tot for i, (_, tot, step) in self.running.items() if tot)
+        return self.total * (self.done_weight + part) / max(sum(self.weights.values()), 1e-9)
 
     def eta(self) -> Optional[float]:
         frac = self.fraction_done()
@@ -992,8 +1012,8 @@ class PlainSweepDisplay(SweepDisplay):
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def begin(self, total):
-        self.c.total = total
+    def begin(self, total, weights=None):
+        self.c.total, self.c.weights = total, dict(weights or {})
 
     def started(self, index, name, total_steps, done_steps):
         self.c.running[index] = [name, total_steps, done_steps]
@@ -1012,7 +1032,7 @@ class PlainSweepDisplay(SweepDisplay):
         if result["outcome"] == "locked":
             self._print(f"[wait] {result['name']}: being trained by {result.get('holder')}; will wait for it at the end")
             return
-        self.c.done += 1
+        self.c.finish(result["index"])
         if result.get("status") in ("failed", "diverged"):
             self.c.failed += 1
         self._print(f"[{self.c.done}/{self.c.total}] {_result_line(result)}")
@@ -1039,8 +1059,8 @@ class RichSweepDisplay(SweepDisplay):
         info = f"{self.c.done}/{self.c.total} done · {len(self.c.running)} running · {self.c.failed} failed/diverged"
         self.bar.update(self.overall, completed=self.c.fraction_done(), info=info)
 
-    def begin(self, total):
-        self.c.total = total
+    def begin(self, total, weights=None):
+        self.c.total, self.c.weights = total, dict(weights or {})
         self.bar.start()
         self.overall = self.bar.add_task("[bold]sweep", total=max(total, 1), info="")
         self._refresh()
@@ -1065,7 +1085,7 @@ class RichSweepDisplay(SweepDisplay):
             self.console.print(f"[yellow]wait[/] {result['name']}: being trained by {result.get('holder')}; "
                                "will wait for it at the end")
         else:
-            self.c.done += 1
+            self.c.finish(result["index"])
             bad = result.get("status") in ("failed", "diverged")
             self.c.failed += bad
             self.console.print(f"[{'red' if bad else 'green'}]{'✗' if bad else '✓'}[/] {_result_line(result)}",

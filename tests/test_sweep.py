@@ -357,3 +357,30 @@ def test_local_layout_gives_spare_cores_to_the_last_cells(monkeypatch):
     assert sw.local_layout(0, None, None, cpu_cells) == (4, 1)  # nothing to train: the nominal layout
     assert sw.local_layout(1, 2, None, cpu_cells) == (2, 4)
     assert sw.local_layout(1, None, 1, cpu_cells) == (4, 1)
+
+
+def test_sweep_eta_counts_cells_by_estimated_cost():
+    """Long cells run first: counting cells alike would put the ETA far off early on."""
+    import normbench.sweep as sw
+
+    c = sw._Counts()
+    c.total, c.weights = 2, {0: 9.0, 1: 1.0}
+    c.running[0] = ["long", 100, 50]
+    assert c.fraction_done() == pytest.approx(0.9)  # half of 90% of the work, in units of 2 cells
+    c.running.pop(0)
+    c.finish(0)
+    assert c.done == 1 and c.fraction_done() == pytest.approx(1.8)
+    c.t0 -= 90.0  # 90 s for 90% of the work: 10 s left
+    assert c.eta() == pytest.approx(10.0, rel=0.05)
+    plain = sw._Counts()
+    plain.total, plain.done = 4, 1
+    assert plain.fraction_done() == 1  # without weights: cells alike
+    cfg = lambda b: load_config_for_cost(b)  # noqa: E731
+    assert sw.cost_proxy(cfg(2)) / sw.cost_proxy(cfg(128)) == pytest.approx(
+        (25000 * 5 + sw.EVAL_IMAGES) / (390 * 131 + sw.EVAL_IMAGES))
+
+
+def load_config_for_cost(batch):
+    from normbench.config import load_config
+
+    return load_config(None, ["device=cpu", f"train.batch_size={batch}", "train.epochs=1"])
