@@ -127,6 +127,9 @@ class ClipConfig(_Section):
 class LogConfig(_Section):
     out_dir: str = "runs"
     tensorboard: bool = True
+    # also checkpoint inside an epoch, at the first log flush this many seconds after the last
+    # checkpoint (a kill -9 then loses at most this much work; epoch ends and signals always save)
+    checkpoint_every_s: float = Field(300.0, gt=0)
 
 
 DEFAULT_PROBE_EVERY = 100  # steps; measured probe overhead ~4% at this interval (README, Analysis)

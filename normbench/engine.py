@@ -413,7 +413,7 @@ class Trainer:
         tb = TensorBoardLog(self.run_dir.tb, cfg.log.tensorboard and self.dist.is_main, purge_step=st.step or None)
         self.progress.start(cfg.run_name, self.total_steps, st.step, self.steps_per_epoch)
         t_start = time.perf_counter() - st.wall_time_s
-        self._interval_t0 = time.perf_counter()
+        self._interval_t0 = last_save = time.perf_counter()
         status, diverged_step, note = "completed", None, None
         try:
             while st.step < self.total_steps:
@@ -429,6 +429,11 @@ class Trainer:
                             break
                         if self.dist.enabled:  # every rank stops at the same step
                             stop.agree(self.dist, self.device)
+                        if (time.perf_counter() - last_save >= cfg.log.checkpoint_every_s
+                                and i < self.steps_per_epoch - 1 and stop.signum is None):
+                            st.wall_time_s = time.perf_counter() - t_start
+                            self.save()  # mid-epoch: resumes bit-identically, like a signal's checkpoint
+                            last_save = time.perf_counter()
                     if stop.signum is not None and (not self.dist.enabled or not self._buffers["loss"]):
                         break  # under torchrun only right after a flush, where all ranks agreed
                 if diverged_step is not None:
@@ -462,7 +467,7 @@ class Trainer:
                     self.analysis.on_epoch_end(self, epoch_done, tb)
                 st.wall_time_s = time.perf_counter() - t_start
                 self.save()
-                self._interval_t0 = time.perf_counter()
+                self._interval_t0 = last_save = time.perf_counter()
         finally:
             self.progress.finish()
         st.wall_time_s = time.perf_counter() - t_start

@@ -361,7 +361,7 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
     members, cfg = packed.members, packed.cfg
     lead = members[0]
     tbs = [TensorBoardLog(m.run_dir.tb, cfg.log.tensorboard, purge_step=m.state.step or None) for m in members]
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     walls = [m.state.wall_time_s for m in members]
     status = {id(m): "completed" for m in members}
     notes: dict[int, tuple] = {}
@@ -382,6 +382,14 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                             status[id(m)] = "diverged"
                             notes[id(m)] = (bad, f"non-finite loss or gradient at step {bad}")
                     progress.update(lead.state.step, lead.last_record)
+                    if time.perf_counter() - last_save >= cfg.log.checkpoint_every_s and i < lead.steps_per_epoch - 1:
+                        packed.unpack_into_members()  # mid-epoch checkpoint of every member
+                        elapsed = time.perf_counter() - t0
+                        for m, w in zip(members, walls):
+                            m.state.wall_time_s = w + elapsed
+                            if status[id(m)] == "completed":
+                                m.save()
+                        last_save = time.perf_counter()
             epoch_done = lead.state.step // lead.steps_per_epoch
             if epoch_done % cfg.train.eval_every == 0 or lead.state.step >= lead.total_steps:
                 results = packed.evaluate(cfg.train.eval_batch_size)
@@ -406,6 +414,7 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                 m.state.wall_time_s = w + elapsed
                 if status[id(m)] == "completed":
                     m.save()
+            last_save = time.perf_counter()
             progress.message(f"packed x{packed.k}: epoch {epoch_done} done")
     finally:
         progress.finish()
