@@ -72,6 +72,9 @@ def _syncbn_worker(rank: int, port: int, out_dir: str) -> None:
     bn = net.module[1]
     torch.save({"outs": outs, "grads": {n: p.grad.clone() for n, p in net.module.named_parameters()},
                 "mean": bn.running_mean.clone(), "var": bn.running_var.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    # both ranks finish together. One full-suite run saw rank 0 die of SIGABRT here (3 reruns
+    # passed); the likely cause is one rank tearing gloo down while its peer still uses the pair
+    dist.barrier()
     dist.destroy_process_group()
 
 
