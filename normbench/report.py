@@ -162,6 +162,7 @@ class CellStat:
     n_diverged: int = 0
     n_failed: int = 0
     n_running: int = 0
+    n_interrupted: int = 0  # stopped by a signal, resumable (a sweep run again continues it)
     n_nodata: int = 0  # completed runs that lack the value
     runs: list[str] = field(default_factory=list)
     best: bool = False
@@ -229,6 +230,8 @@ def _cell_text(stat: CellStat, digits: int, with_std: bool) -> str:
             return "failed" + (f" ({stat.n_failed}/{len(stat.runs)})" if len(stat.runs) > 1 else "")
         if stat.n_running:
             return "running"
+        if stat.n_interrupted:
+            return "interrupted"
         return "—"
     text = _fmt(stat.mean, digits)
     if with_std and stat.std is not None:
@@ -236,7 +239,7 @@ def _cell_text(stat: CellStat, digits: int, with_std: bool) -> str:
     if with_std:
         text += f" (n={stat.n})"
     extra = [f"{k} {what}" for k, what in ((stat.n_diverged, "div"), (stat.n_failed, "failed"),
-                                             (stat.n_running, "running")) if k]
+                                             (stat.n_running, "running"), (stat.n_interrupted, "interrupted")) if k]
     if extra:
         text += " +" + ", +".join(extra)
     return text
@@ -269,8 +272,10 @@ def _table(runs: list[Run], key: str, title: str, unit: str, get: Callable[[Run]
             stat.n_diverged += 1
         elif run.status == "failed":
             stat.n_failed += 1
-        elif run.status in ("running", "interrupted"):
+        elif run.status == "running":
             stat.n_running += 1
+        elif run.status == "interrupted":
+            stat.n_interrupted += 1
         elif run.status == "completed":
             stat.n_nodata += 1  # completed without this value (e.g. an analysis that was off)
     for stat in cells.values():
@@ -406,7 +411,7 @@ def _rows(report: Report) -> list[dict]:
                 c = table.cell(method, batch)
                 rows.append({"table": table.key, "method": method, "batch_size": batch, "mean": c.mean,
                              "std": c.std, "n": c.n, "n_diverged": c.n_diverged, "n_failed": c.n_failed,
-                             "n_running": c.n_running, "missing": c.missing, "best": c.best, "text": c.text})
+                             "n_running": c.n_running, "n_interrupted": c.n_interrupted, "missing": c.missing, "best": c.best, "text": c.text})
     return rows
 
 
@@ -428,7 +433,7 @@ def to_json(report: Report) -> str:
             "batch_sizes": t.batch_sizes,
             "cells": [{"method": m, "batch_size": b, "mean": t.cell(m, b).mean, "std": t.cell(m, b).std,
                        "n": t.cell(m, b).n, "values": t.cell(m, b).values, "n_diverged": t.cell(m, b).n_diverged,
-                       "n_failed": t.cell(m, b).n_failed, "n_running": t.cell(m, b).n_running,
+                       "n_failed": t.cell(m, b).n_failed, "n_running": t.cell(m, b).n_running, "n_interrupted": t.cell(m, b).n_interrupted,
                        "missing": t.cell(m, b).missing, "best": t.cell(m, b).best, "text": t.cell(m, b).text,
                        "runs": t.cell(m, b).runs}
                       for m in t.methods for b in t.batch_sizes]}

@@ -97,6 +97,16 @@ def test_tables_means_stds_missing_and_marks(runs_dir):
     assert float(row["mean"]) == pytest.approx(55.0) and row["n"] == "2" and row["best"] == "False"
 
 
+def test_interrupted_runs_are_named_not_running(tmp_path):
+    """A run stopped by a signal (status interrupted, resumable) says so, apart from a live one."""
+    write_run(tmp_path, "ln", 4, 0, status="interrupted")
+    write_run(tmp_path, "ln", 4, 1, acc=0.40)
+    write_run(tmp_path, "ln", 2, 0, status="interrupted")
+    acc = build_report(collect(tmp_path), metric="final").tables[0]
+    assert acc.cell("ln", 2).text == "interrupted" and acc.cell("ln", 2).n_running == 0
+    assert acc.cell("ln", 4).text == "40.00 (n=1) +1 interrupted"
+
+
 def test_error_best_metric_and_method_split(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "gn", 4, 0, acc=0.70, norm__groups=8)
