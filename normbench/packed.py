@@ -353,6 +353,16 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
     return [summaries[i] for i in range(len(cfgs))]
 
 
+def _save_members(members: list, walls: list, t0: float, status: dict) -> float:
+    """Checkpoint every still-healthy member (after unpacking); returns the time of the save."""
+    elapsed = time.perf_counter() - t0
+    for m, w in zip(members, walls):
+        m.state.wall_time_s = w + elapsed
+        if status[id(m)] == "completed":
+            m.save()
+    return time.perf_counter()
+
+
 def _run_packed(packed: PackedTrainer, progress) -> None:
     from normbench.data import EpochPlan
     from normbench.engine import buffers_finite
@@ -384,12 +394,7 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                     progress.update(lead.state.step, lead.last_record)
                     if time.perf_counter() - last_save >= cfg.log.checkpoint_every_s and i < lead.steps_per_epoch - 1:
                         packed.unpack_into_members()  # mid-epoch checkpoint of every member
-                        elapsed = time.perf_counter() - t0
-                        for m, w in zip(members, walls):
-                            m.state.wall_time_s = w + elapsed
-                            if status[id(m)] == "completed":
-                                m.save()
-                        last_save = time.perf_counter()
+                        last_save = _save_members(members, walls, t0, status)
             epoch_done = lead.state.step // lead.steps_per_epoch
             if epoch_done % cfg.train.eval_every == 0 or lead.state.step >= lead.total_steps:
                 results = packed.evaluate(cfg.train.eval_batch_size)
@@ -409,12 +414,7 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                     tb.scalars(m.state.step, {"test/loss": result["loss"], "test/acc": result["acc"]})
             else:
                 packed.unpack_into_members()
-            elapsed = time.perf_counter() - t0
-            for m, w in zip(members, walls):
-                m.state.wall_time_s = w + elapsed
-                if status[id(m)] == "completed":
-                    m.save()
-            last_save = time.perf_counter()
+            last_save = _save_members(members, walls, t0, status)
             progress.message(f"packed x{packed.k}: epoch {epoch_done} done")
     finally:
         progress.finish()
