@@ -982,11 +982,21 @@ class _Counts:
         self.running: dict[int, list] = {}  # index -> [name, total, step]
         self.weights: dict[int, float] = {}  # index -> estimated cost (cost_proxy); empty: all alike
         self.done_weight = 0.0
+        self.start_frac: dict[int, float] = {}  # index -> fraction already done when it (re)started
+        self.work_done = 0.0  # estimated cost trained by THIS invocation (resumed parts excluded)
         self.t0 = time.monotonic()
+
+    def _w(self, index: int) -> float:
+        return self.weights.get(index, 0.0) if self.weights else 1.0
+
+    def start(self, index: int, name: str, total_steps: int, done_steps: int) -> None:
+        self.running[index] = [name, total_steps, done_steps]
+        self.start_frac[index] = done_steps / total_steps if total_steps else 0.0
 
     def finish(self, index: int) -> None:
         self.done += 1
-        self.done_weight += self.weights.get(index, 0.0)
+        self.done_weight += self._w(index)
+        self.work_done += self._w(index) * (1.0 - self.start_frac.get(index, 0.0))
 
     def fraction_done(self) -> float:
         """Tasks done, each counted by its estimated cost when known (long cells run first, so
@@ -997,10 +1007,17 @@ class _Counts:
         return self.total * (self.done_weight + part) / max(sum(self.weights.values()), 1e-9)
 
     def eta(self) -> Optional[float]:
+        """Seconds left: the work still to do at the rate of the work THIS invocation has done
+        (a resumed cell's earlier steps count as done, not as speed)."""
         frac = self.fraction_done()
-        if frac <= 0.05:
+        running_work = sum(self._w(i) * (step / tot - self.start_frac.get(i, 0.0))
+                           for i, (_, tot, step) in self.running.items() if tot)
+        work_now = self.work_done + running_work
+        total_w = sum(self.weights.values()) if self.weights else float(self.total)
+        if frac <= 0.05 or work_now <= 0.01 * total_w:
             return None
-        return (time.monotonic() - self.t0) / frac * (self.total - frac)
+        remaining = total_w * (1.0 - frac / max(self.total, 1))
+        return (time.monotonic() - self.t0) / work_now * remaining
 
 
 class PlainSweepDisplay(SweepDisplay):
@@ -1016,7 +1033,7 @@ class PlainSweepDisplay(SweepDisplay):
         self.c.total, self.c.weights = total, dict(weights or {})
 
     def started(self, index, name, total_steps, done_steps):
-        self.c.running[index] = [name, total_steps, done_steps]
+        self.c.start(index, name, total_steps, done_steps)
         self._print(f"[start] {name}" + (f" (resuming at step {done_steps}/{total_steps})" if done_steps else ""))
 
     def step(self, index, step):
@@ -1066,7 +1083,7 @@ class RichSweepDisplay(SweepDisplay):
         self._refresh()
 
     def started(self, index, name, total_steps, done_steps):
-        self.c.running[index] = [name, total_steps, done_steps]
+        self.c.start(index, name, total_steps, done_steps)
         self.tasks[index] = self.bar.add_task(f"  {name}", total=max(total_steps, 1), completed=done_steps,
                                               info=f"{done_steps}/{total_steps} steps")
         self._refresh()

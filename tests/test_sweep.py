@@ -365,13 +365,20 @@ def test_sweep_eta_counts_cells_by_estimated_cost():
 
     c = sw._Counts()
     c.total, c.weights = 2, {0: 9.0, 1: 1.0}
-    c.running[0] = ["long", 100, 50]
+    c.start(0, "long", 100, 0)
+    c.running[0][2] = 50
     assert c.fraction_done() == pytest.approx(0.9)  # half of 90% of the work, in units of 2 cells
     c.running.pop(0)
     c.finish(0)
     assert c.done == 1 and c.fraction_done() == pytest.approx(1.8)
     c.t0 -= 90.0  # 90 s for 90% of the work: 10 s left
     assert c.eta() == pytest.approx(10.0, rel=0.05)
+    resumed = sw._Counts()  # a cell resumed at 80%: its earlier steps are not this run's speed
+    resumed.total, resumed.weights = 2, {0: 1.0, 1: 1.0}
+    resumed.start(0, "resumed", 100, 80)
+    resumed.running[0][2] = 90
+    resumed.t0 -= 10.0  # 10 s for 10% of one cell: 1.1 cells (110 s) left
+    assert resumed.eta() == pytest.approx(110.0, rel=0.05)
     plain = sw._Counts()
     plain.total, plain.done = 4, 1
     assert plain.fraction_done() == 1  # without weights: cells alike
