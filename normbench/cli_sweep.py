@@ -58,8 +58,9 @@ def sweep(
         spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
         n_workers, n_threads = sw.local_layout(0, workers, threads, spec.cells)
         plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
-        if backend == "local" and sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1] != n_threads:
-            n_threads = sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1]  # spare cores as threads
+        spare = sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1]
+        if backend == "local" and spare != n_threads:  # fewer cells than workers: spare cores as threads
+            n_threads = spare
             plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
         if dry_run:
             _print_dry_run(plan, n_workers, backend, no_estimate)
