@@ -172,9 +172,16 @@ def landscape_probe(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.
     return ProbeResult(torch.stack(losses), torch.stack(dists), torch.stack(betas))
 
 
+def snapshot_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Clones of every buffer of the (unwrapped) model, in ``.buffers()`` order."""
+    with torch.no_grad():
+        return [b.detach().clone() for b in unwrap(model).buffers()]
+
+
 def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, multipliers: Iterable[float],
                 loss: Optional[torch.Tensor] = None, device: Optional[torch.device] = None,
-                use_model_grads: bool = True, autocast: Optional[Callable] = None) -> ProbeResult:
+                use_model_grads: bool = True, autocast: Optional[Callable] = None,
+                buffers: Optional[Sequence[torch.Tensor]] = None) -> ProbeResult:
     """The landscape probe of a classifier on batch (x, y), run on a deep copy in train mode.
 
     g is the model's current ``.grad`` (the training step's, before clipping) and ``loss`` the
@@ -183,6 +190,13 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, m
     losses are this process's batch). ``autocast``: the training step's autocast context
     factory, so that L_s is computed at the precision L_0 was. The model itself, its buffers,
     its ``.grad`` and the RNG are untouched.
+
+    ``buffers``: the model's buffers as they were before the step's forward
+    (:func:`snapshot_buffers`); the copy is reset to them before every forward. This matters
+    for layers whose train-mode output reads their running statistics (Batch Renorm's r and
+    d): g was computed with the pre-step statistics, and without the reset each L_s would see
+    statistics moved by the step's own forward and by every earlier probe forward, a change
+    that does not shrink with the step, so ||g_s - g|| / ||theta_s - theta|| grows like 1/lr.
     """
     base = unwrap(model)
     with preserved_rng(device), torch.enable_grad():
@@ -190,8 +204,15 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, m
         pairs = [(q, p) for q, p in zip(twin.parameters(), base.parameters()) if p.requires_grad]
         params = [q for q, _ in pairs]
         grads = [p.grad for _, p in pairs] if use_model_grads else None
+        twin_buffers = list(twin.buffers())
+        if buffers is not None and len(buffers) != len(twin_buffers):
+            raise ValueError(f"probe_model: {len(buffers)} saved buffers for a model with {len(twin_buffers)}")
 
         def loss_fn() -> torch.Tensor:
+            if buffers is not None:
+                with torch.no_grad():
+                    for b, saved in zip(twin_buffers, buffers):
+                        b.copy_(saved)
             if autocast is None:
                 return F.cross_entropy(twin(x), y)
             with autocast():
@@ -462,6 +483,7 @@ class Analysis:
         self.device = getattr(trainer, "device", None)
         self.pending_probes: list[tuple[int, torch.Tensor]] = []
         self.pending_hists: list[tuple[int, torch.Tensor]] = []
+        self.pre_step_buffers: Optional[list[torch.Tensor]] = None  # see before_forward
         self.hist_layers: list[str] = []
         self.hist_sizes: list[int] = []
         self.probe_sums = [0.0, 0.0, 0.0]  # loss_range, grad_pred, beta over flushed probes
@@ -469,15 +491,24 @@ class Analysis:
         self.last_dead: Optional[dict] = None
 
     # -- per step --------------------------------------------------------------------------
+    def _probes_at(self, step: int) -> bool:
+        return self.probe_every is not None and step % self.probe_every == 0
+
+    def before_forward(self, trainer) -> None:
+        """On a probe step, keep the buffers the step's forward is about to update."""
+        self.pre_step_buffers = snapshot_buffers(trainer.model) if self._probes_at(trainer.state.step) else None
+
     def after_backward(self, trainer, x, y, loss) -> None:
         """Gradients of this step are in ``.grad`` (before clipping); they are only read."""
         if not self.wants_steps:
             return
         step = trainer.state.step
-        if self.probe_every is not None and step % self.probe_every == 0:
+        if self._probes_at(step):
             lr = trainer.optimizer.param_groups[0]["lr"]
             result = probe_model(trainer.model, x, y, lr, self.multipliers, loss=loss, device=self.device,
-                                 use_model_grads=not self.distributed, autocast=getattr(trainer, "autocast", None))
+                                 use_model_grads=not self.distributed, autocast=getattr(trainer, "autocast", None),
+                                 buffers=self.pre_step_buffers)
+            self.pre_step_buffers = None
             self.pending_probes.append((step, result.vector()))
         if self.hist_every is not None and step % self.hist_every == 0:
             names, sizes, flat = activation_stats(trainer.model, x.detach(), self.device)

@@ -389,6 +389,9 @@ class Trainer:
 
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:
         x = self.normalize(x_u8)
+        probing = self.analysis is not None and self.analysis.wants_steps  # probe / histograms only
+        if probing:
+            self.analysis.before_forward(self)
         if self.autocast is None:
             out = self.train_model(x)
         else:
@@ -397,7 +400,7 @@ class Trainer:
         loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.analysis is not None and self.analysis.wants_steps:  # probe / histograms only
+        if probing:
             self.analysis.after_backward(self, x, y, loss)
         stats = self.clipper()
         self.optimizer.step()

@@ -13,10 +13,11 @@ from torch import nn
 
 from normbench import analysis, engine
 from normbench.analysis import (activation_layers, dead_units, landscape_probe, make_analysis, precise_bn,
-                                probe_model)
+                                probe_model, snapshot_buffers)
 from normbench.config import load_config
 from normbench.errors import UserError
 from normbench.norms import NormAct
+from normbench.norms.batch import BatchRenorm2d
 from normbench.tracking import RunDir
 
 from conftest import tiny_overrides
@@ -86,6 +87,63 @@ def test_probe_model_leaves_model_grads_buffers_and_rng_untouched():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # incl. num_batches_tracked
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def _renorm_model():
+    """Conv -> Batch Renorm (limits fully relaxed, running statistics away from the batch's) -> head,
+    float64, after one training step: returns (model, x, y, loss, buffers before the step)."""
+    torch.manual_seed(0)
+    brn = BatchRenorm2d(4, momentum=0.1, warmup_epochs=0.0, r_max_epochs=1.0, d_max_epochs=1.0)
+    brn.set_progress(5.0)  # r_max 3, d_max 5: r and d are live
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), brn, nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
+    with torch.no_grad():
+        brn.running_mean.normal_(0.0, 0.3)
+        brn.running_std.uniform_(0.5, 1.5)
+    x, y = torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = snapshot_buffers(model)
+    loss = nn.functional.cross_entropy(model(x), y)  # moves the running statistics
+    loss.backward()
+    return model, x, y, loss, before
+
+
+def test_probe_of_batch_renorm_uses_the_statistics_its_gradient_saw():
+    """Batch Renorm's train-mode output reads its running statistics. With the pre-step buffers
+    the probe's beta converges as the step shrinks (to ||Hg|| / ||g||); with the statistics the
+    step's forward (and each probe forward) moved, ||g_s - g|| stays finite as the step goes to 0
+    and beta grows like 1 / lr: the artefact the buffers argument removes."""
+    model, x, y, loss, before = _renorm_model()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+    def beta(lr, buffers):
+        return probe_model(model, x, y, lr, [1.0], loss=loss, buffers=buffers).beta.item()
+
+    fixed = [beta(lr, before) for lr in (1e-3, 1e-5)]
+    stale = [beta(lr, None) for lr in (1e-3, 1e-5)]
+    assert fixed[1] == pytest.approx(fixed[0], rel=0.05)
+    assert stale[1] > 30 * stale[0]
+    # recomputing g and L_0 on the copy (the data-parallel path) reproduces the step's loss
+    again = probe_model(model, x, y, 1e-3, [1.0], use_model_grads=False, buffers=before)
+    assert again.losses[0].item() == pytest.approx(loss.item(), rel=1e-12)
+    assert again.beta.item() == pytest.approx(fixed[0], rel=1e-6)
+
+
+def test_engine_hands_the_probe_the_buffers_from_before_the_step(tiny_cfg, monkeypatch):
+    seen = []
+    real = analysis.probe_model
+
+    def spy(model, *args, buffers=None, **kw):
+        now = [b.detach().clone() for b in analysis.unwrap(model).buffers()]
+        seen.append((buffers, now))
+        return real(model, *args, buffers=buffers, **kw)
+
+    monkeypatch.setattr(analysis, "probe_model", spy)
+    cfg = tiny_cfg(**{"norm.kind": "brn", "analysis.probe_every": 4, "train.epochs": 1})
+    engine.train(cfg)
+    assert len(seen) == 3  # steps 0, 4, 8 of 10
+    for buffers, now in seen:
+        assert buffers is not None and len(buffers) == len(now)
+        # the step's forward moved the running statistics after the snapshot was taken
+        assert not all(torch.equal(a, b) for a, b in zip(buffers, now))
 
 
 # ----------------------------------------------------------------------------- config and wiring
