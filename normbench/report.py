@@ -480,6 +480,19 @@ def write_files(report: Report, formats: list[str], out_dir: Path) -> list[Path]
 # ----------------------------------------------------------------------------- plot
 
 
+MARKERS = "osD^v<>phX*"
+
+
+def method_colours(methods: list[str]) -> dict[str, tuple]:
+    """A colour per method, by position in ``methods`` once sorted like the report's rows
+    (tab10, or tab20 beyond 10 methods): every plot of one report gives a method one colour."""
+    from matplotlib import colormaps
+
+    ordered = sorted(dict.fromkeys(methods), key=_method_sort_key)
+    cmap = colormaps["tab10" if len(ordered) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(ordered)}
+
+
 def plot(report: Report, path: Path) -> Path:
     """Accuracy (or error) against batch size, GN-paper style: log2 x axis from the largest
     batch on the left to the smallest on the right, one line per method, std error bars;
@@ -499,12 +512,11 @@ def plot(report: Report, path: Path) -> Path:
     except OSError as err:
         raise UserError(f"--plot: cannot create {path.parent}: {err.strerror}") from None
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=150)
-    cmap = plt.get_cmap("tab10" if len(table.methods) <= 10 else "tab20")
-    markers = "osD^v<>phX*"
+    colours = method_colours(table.methods)
     top_edge = blended_transform_factory(ax.transData, ax.transAxes)
     any_diverged = False
     for i, method in enumerate(table.methods):
-        color, marker = cmap(i % cmap.N), markers[i % len(markers)]
+        color, marker = colours[method], MARKERS[i % len(MARKERS)]
         xs, ys, es = [], [], []
         for batch in table.batch_sizes:
             c = table.cell(method, batch)

@@ -21,8 +21,17 @@ Plots:
 * ``analysis_probe.png``: the landscape probe of Santurkar et al. 2018 (Fig. 4) over
   training (x = epochs, so different batch sizes align): the band between the smallest and
   largest loss along the gradient, the band of gradient changes ||g_s - g|| and the effective
-  beta-smoothness (log scale), one colour per method, one row per batch size. Raw probe values
-  are noisy; lines show a centred running median over 5 probes.
+  beta-smoothness (log scale), one colour per method, one row per batch size (largest first).
+  Seeds of a cell are averaged step by step; raw probe values are noisy, so lines show a
+  centred running median over 5 probes.
+* ``analysis_probe_vs_batch.png``: the same three quantities against the batch size (log2
+  axis, largest batch left as in the accuracy plot): per run the median over its probes, then
+  the mean over seeds. Beta is per unit step and compares across batch sizes; the loss range
+  and the gradient change scale with the step (lr = 0.1 B/128 in the study), so compare
+  methods within a batch size.
+
+Every plot gives a method the colour it has in the report's accuracy plot
+(:func:`normbench.report.method_colours`) and names it as the report does (``none+agc``).
 """
 from __future__ import annotations
 
@@ -61,10 +70,10 @@ def _run_dir(summary: dict) -> Optional[Path]:
 
 
 def _method(summary: dict) -> str:
-    cfg = summary.get("config") or {}
-    kind = (cfg.get("norm") or {}).get("kind", "?")
-    clip = (cfg.get("clip") or {}).get("mode", "none")
-    return kind if clip in (None, "none") else f"{kind} clip={clip}"
+    """The report's row name (``kind``, or ``kind+clip`` when clipping is on)."""
+    from normbench.report import base_method
+
+    return base_method(summary.get("config") or {})
 
 
 def _kind(summary: dict) -> str:
@@ -98,11 +107,23 @@ def _figure(rows: int, cols: int, width: float, height: float):
     return fig, axes
 
 
-def _colours(names: list[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
+def _colours(summaries: list[dict]) -> dict[str, tuple]:
+    """The report's colour for every method with a completed run (the accuracy plot's colours)."""
+    from normbench.report import method_colours
 
-    cmap = colormaps["tab10"]
-    return {n: cmap(i % 10) for i, n in enumerate(sorted(names))}
+    return method_colours([_method(s) for s in summaries if s.get("status") == "completed"])
+
+
+def _large_to_small(ax, batches: list[int]) -> None:
+    """Log2 batch axis from the largest batch on the left to the smallest, as the accuracy plot."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.minorticks_off()
+    if batches:
+        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
+    ax.set_xlabel("batch size (images per step)")
+    ax.grid(True, alpha=0.3)
 
 
 def _running_median(values: list[float], k: int = 5) -> list[float]:
@@ -113,7 +134,7 @@ def _running_median(values: list[float], k: int = 5) -> list[float]:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_bn_gap(summaries: list[dict], path: Path) -> Optional[Path]:
+def plot_bn_gap(summaries: list[dict], path: Path, colours: dict[str, tuple]) -> Optional[Path]:
     """The train/eval gap and the three accuracies against the batch size (log2 axis)."""
     cells: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
@@ -124,7 +145,6 @@ def plot_bn_gap(summaries: list[dict], path: Path) -> Optional[Path]:
         cells[_method(s)][_batch(s)].append(s)
     if not cells:
         return None
-    colours = _colours(list(cells))
     fig, axes = _figure(1, 2, 11.0, 4.2)
     gap_ax, acc_ax = axes[0]
     batches_seen: set[int] = set()
@@ -144,13 +164,8 @@ def plot_bn_gap(summaries: list[dict], path: Path) -> Optional[Path]:
             pts = [(b, mean(v for v in vals if v is not None)) for b, vals in pts if any(v is not None for v in vals)]
             if pts:
                 acc_ax.plot([b for b, _ in pts], [100 * v for _, v in pts], style, color=c, label=f"{method}, {name}")
-    ticks = sorted(batches_seen)
     for ax in (gap_ax, acc_ax):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([str(t) for t in ticks])
-        ax.set_xlabel("batch size (log2 scale)")
-        ax.grid(True, alpha=0.3)
+        _large_to_small(ax, sorted(batches_seen))
     gap_ax.axhline(0.0, color="black", lw=0.8)
     gap_ax.set_ylabel("train-mode minus eval-mode test acc (points)")
     gap_ax.set_title("BN train/eval gap")
@@ -180,8 +195,8 @@ def _probe_records(run_dir: Path) -> list[dict]:
     return sorted(out, key=lambda r: r["step"])
 
 
-def plot_probe(summaries: list[dict], path: Path) -> Optional[Path]:
-    """Santurkar et al. Fig. 4 per method: loss band, gradient-change band, effective beta."""
+def _probe_runs(summaries: list[dict]) -> dict[int, dict[str, list[list[dict]]]]:
+    """batch size -> method -> the probe records of each completed run (one list per seed)."""
     rows: dict[int, dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
         where = _run_dir(s)
@@ -190,27 +205,45 @@ def plot_probe(summaries: list[dict], path: Path) -> Optional[Path]:
         recs = _probe_records(where)
         if recs:
             rows[_batch(s)][_method(s)].append(recs)
+    return rows
+
+
+def _seed_mean(runs: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values): ``key`` at every probe step the runs share, averaged over the runs
+    (seeds of one cell probe the same steps), smoothed by a running median over 5 probes."""
+    by_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for recs in runs:
+        for rec in recs:
+            v = _num(rec.get(key))
+            if v is not None:
+                by_step[rec["step"]].append((float(rec.get("epoch", rec["step"])), v))
+    steps = [st for st in sorted(by_step) if len(by_step[st]) == len(runs)]
+    epochs = [mean(e for e, _ in by_step[st]) for st in steps]
+    return epochs, _running_median([mean(v for _, v in by_step[st]) for st in steps])
+
+
+def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
+               colours: dict[str, tuple]) -> Optional[Path]:
+    """Santurkar et al. Fig. 4 per method: loss band, gradient-change band, effective beta."""
     if not rows:
         return None
-    colours = _colours(sorted({m for by_method in rows.values() for m in by_method}))
-    batches = sorted(rows)
+    batches = sorted(rows, reverse=True)
     fig, axes = _figure(len(batches), 3, 15.0, 3.6 * len(batches))
     for r, b in enumerate(batches):
         loss_ax, grad_ax, beta_ax = axes[r]
-        for method, runs in sorted(rows[b].items()):
-            c = colours[method]
-            for i, recs in enumerate(runs):
-                ep = [rec.get("epoch", rec["step"]) for rec in recs]
-                label = method if i == 0 else None
-                lo = _running_median([rec["probe/loss_min"] for rec in recs])
-                hi = _running_median([rec["probe/loss_max"] for rec in recs])
-                loss_ax.fill_between(ep, lo, hi, color=c, alpha=0.3, lw=0)
-                loss_ax.plot(ep, lo, color=c, lw=0.8, label=label)
-                glo = _running_median([rec["probe/grad_pred_min"] for rec in recs])
-                ghi = _running_median([rec["probe/grad_pred"] for rec in recs])
-                grad_ax.fill_between(ep, glo, ghi, color=c, alpha=0.3, lw=0)
-                grad_ax.plot(ep, ghi, color=c, lw=0.8, label=label)
-                beta_ax.plot(ep, _running_median([rec["probe/beta"] for rec in recs]), color=c, lw=1.2, label=label)
+        for method, runs in sorted(rows[b].items(), key=lambda kv: list(colours).index(kv[0])
+                                   if kv[0] in colours else len(colours)):
+            c = colours.get(method, "0.5")
+            ep, lo = _seed_mean(runs, "probe/loss_min")
+            _, hi = _seed_mean(runs, "probe/loss_max")
+            loss_ax.fill_between(ep, lo, hi, color=c, alpha=0.3, lw=0)
+            loss_ax.plot(ep, lo, color=c, lw=0.8, label=method)
+            ep, glo = _seed_mean(runs, "probe/grad_pred_min")
+            _, ghi = _seed_mean(runs, "probe/grad_pred")
+            grad_ax.fill_between(ep, glo, ghi, color=c, alpha=0.3, lw=0)
+            grad_ax.plot(ep, ghi, color=c, lw=0.8, label=method)
+            ep, beta = _seed_mean(runs, "probe/beta")
+            beta_ax.plot(ep, beta, color=c, lw=1.2, label=method)
         loss_ax.set_title(f"batch {b}: loss along the gradient (min-max band)")
         loss_ax.set_ylabel("training loss")
         grad_ax.set_title(f"batch {b}: gradient predictiveness, ||g_s - g||")
@@ -220,7 +253,45 @@ def plot_probe(summaries: list[dict], path: Path) -> Optional[Path]:
         for ax in (loss_ax, grad_ax, beta_ax):
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+        beta_ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "comparable across batch sizes (per unit step)"),
+                 ("probe/grad_pred", "gradient change ||g_s - g||", "scales with the step: compare within a batch size"),
+                 ("probe/loss_range", "loss range along the step", "scales with the step: compare within a batch size"))
+
+
+def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
+                        colours: dict[str, tuple]) -> Optional[Path]:
+    """Each probe quantity against the batch size: per run the median over its probes (robust
+    to the rise at the end of a cosine schedule), then the mean over seeds; one line per method."""
+    if not rows:
+        return None
+    batches = sorted(rows)
+    methods = sorted({m for by_method in rows.values() for m in by_method},
+                     key=lambda m: list(colours).index(m) if m in colours else len(colours))
+    from normbench.report import MARKERS
+
+    fig, axes = _figure(1, 3, 16.0, 4.6)
+    for ax, (key, title, note) in zip(axes[0], PROBE_SUMMARY):
+        for i, method in enumerate(methods):
+            pts = []
+            for b in batches:
+                per_run = [median(vals) for recs in rows[b].get(method, [])
+                           if (vals := [v for rec in recs if (v := _num(rec.get(key))) is not None])]
+                if per_run:
+                    pts.append((b, mean(per_run)))
+            if pts:
+                ax.plot([b for b, _ in pts], [v for _, v in pts], "-" + MARKERS[i % len(MARKERS)],
+                        color=colours.get(method, "0.5"), label=method, markersize=4)
+        _large_to_small(ax, batches)
+        ax.set_yscale("log")
+        ax.set_title(f"{title}\n({note})", fontsize=10)
+        ax.set_ylabel("median over the run's probes")
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -232,6 +303,9 @@ def plots(summaries: list[dict], out_dir: Path) -> list[Path]:
     skipped)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [plot_bn_gap(summaries, out_dir / "analysis_bn_gap.png"),
-               plot_probe(summaries, out_dir / "analysis_probe.png")]
+    colours = _colours(summaries)
+    probes = _probe_runs(summaries)
+    written = [plot_bn_gap(summaries, out_dir / "analysis_bn_gap.png", colours),
+               plot_probe(probes, out_dir / "analysis_probe.png", colours),
+               plot_probe_vs_batch(probes, out_dir / "analysis_probe_vs_batch.png", colours)]
     return [p for p in written if p is not None]

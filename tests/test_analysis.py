@@ -425,6 +425,7 @@ def test_report_columns_and_plots(bn_b2_run, tmp_path):
     gn["norm"]["kind"] = "gn"
     fake.append({"status": "completed", "config": gn, "train_eval_gap": None})
     paths = plots([real, *fake], tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["analysis_bn_gap.png", "analysis_probe.png"]
+    assert sorted(p.name for p in paths) == ["analysis_bn_gap.png", "analysis_probe.png",
+                                             "analysis_probe_vs_batch.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
     assert plots([fake[-1]], tmp_path / "none") == []

@@ -155,3 +155,13 @@ def test_plot_marks_diverged(runs_dir, tmp_path):
     report = build_report(collect(runs_dir), error=True)
     path = plot(report, tmp_path / "err.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+
+
+def test_method_colours_depend_on_the_set_of_methods_not_their_order():
+    from normbench.report import method_colours
+
+    a = method_colours(["gn", "bn", "none+agc"])
+    assert a == method_colours(["none+agc", "bn", "gn", "bn"])
+    assert len(set(a.values())) == 3
+    eleven = ["bn", "ghost_bn", "brn", "ln", "gn", "in", "ws_gn", "frn", "evonorm_s0", "nf", "none+agc"]
+    assert len(set(method_colours(eleven).values())) == 11  # beyond tab10: tab20, no repeats
