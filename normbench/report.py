@@ -335,7 +335,9 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
         if not any(_value(r.summary, col_key) is not None for r in runs):
             continue
         table = _table(runs, col_key, header, "", lambda r, k=col_key: _value(r.summary, k), None, 4, True,
-                       note=f"summary key '{col_key}', mean ± std over completed seeds; — = not measured")
+                       note=f"summary key '{col_key}', mean ± std over completed seeds; — = not measured; "
+                            "methods with no measured value are left out")
+        table.methods = [m for m in table.methods if any(table.cell(m, b).values for b in table.batch_sizes)]
         table.analysis = True
         tables.append(table)
     return Report(tables, runs, metric, error)

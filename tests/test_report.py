@@ -165,3 +165,16 @@ def test_method_colours_depend_on_the_set_of_methods_not_their_order():
     assert len(set(a.values())) == 3
     eleven = ["bn", "ghost_bn", "brn", "ln", "gn", "in", "ws_gn", "frn", "evonorm_s0", "nf", "none+agc"]
     assert len(set(method_colours(eleven).values())) == 11  # beyond tab10: tab20, no repeats
+
+
+def test_analysis_tables_leave_out_methods_without_the_measurement(tmp_path):
+    """A BN-only figure (the train/eval gap) lists BN, not GN rows full of dashes."""
+    bn = write_run(tmp_path, "bn", 2, 0, acc=0.5)
+    write_run(tmp_path, "gn", 2, 0, acc=0.4)
+    summary = json.loads((bn / "summary.json").read_text())
+    summary["train_eval_gap"] = -0.04
+    (bn / "summary.json").write_text(json.dumps(summary))
+    report = build_report(collect(tmp_path), extra_columns=[("train_eval_gap", "gap")])
+    gap = next(t for t in report.tables if t.key == "train_eval_gap")
+    assert gap.analysis and gap.methods == ["bn"] and gap.cell("bn", 2).mean == pytest.approx(-0.04)
+    assert report.tables[0].methods == ["bn", "gn"]  # the accuracy table keeps every method
