@@ -4,6 +4,7 @@ members against one model alone, at the same per-member batch, in one process an
 
     python scripts/bench_packing.py                       # bn, batch 2, K = 4, 8, 16, 1 thread
     python scripts/bench_packing.py --norm gn --batch 8 --members 2 4 8
+    python scripts/bench_packing.py --channels-last       # both models and inputs in NHWC
 
 Prints ms per step of the single model, and for each K the packed step, the step time per
 member and the speed-up per member (single / per-member); ``--no-mkldnn`` also times the
@@ -51,14 +52,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per unit per round")
     ap.add_argument("--no-mkldnn", action="store_true", help="also time the packed step without oneDNN convs")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="models and inputs in channels_last (default: contiguous NCHW)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     cfg = load_config(None, [f"norm.kind={args.norm}", f"train.batch_size={args.batch}"])
     b = args.batch
 
     torch.manual_seed(0)
-    single = build_model(cfg).train()
-    x1, y1 = torch.randn(b, 3, 32, 32), torch.randint(0, 10, (b,))
+    single = build_model(cfg).train().to(memory_format=fmt)
+    x1, y1 = torch.randn(b, 3, 32, 32).contiguous(memory_format=fmt), torch.randint(0, 10, (b,))
 
     def single_step():
         F.cross_entropy(single(x1), y1).backward()
@@ -69,8 +73,8 @@ def main() -> None:
         for seed in range(k):
             torch.manual_seed(seed)
             members.append(build_model(cfg))
-        net = pack_models(members).train()
-        x, y = torch.randn(b, 3 * k, 32, 32), torch.randint(0, 10, (b * k,))
+        net = pack_models(members).train().to(memory_format=fmt)
+        x, y = torch.randn(b, 3 * k, 32, 32).contiguous(memory_format=fmt), torch.randint(0, 10, (b * k,))
 
         def step(net=net, x=x, y=y):
             F.cross_entropy(net(x).reshape(-1, 10), y).backward()
@@ -78,7 +82,8 @@ def main() -> None:
         packed_steps[k] = step
 
     t_single = best_ms(single_step, args.rounds, args.min_time)
-    print(f"ResNet-20 {args.norm}, per-member batch {b}, {args.threads} thread(s), torch {torch.__version__}; "
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"ResNet-20 {args.norm}, per-member batch {b}, {args.threads} thread(s), {layout}, torch {torch.__version__}; "
           f"forward + backward, best of {args.rounds}\n")
     print("| members K | packed step ms | ms per member | speed-up per member | without oneDNN, ms per member |")
     print("|---:|---:|---:|---:|---:|")
