@@ -495,6 +495,18 @@ def method_colours(methods: list[str]) -> dict[str, tuple]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(ordered)}
 
 
+def batch_axis(ax, batches: list[int]) -> None:
+    """Log2 batch-size x axis from the largest batch on the left to the smallest on the right,
+    as in Wu & He (2018); shared by every plot of the report."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.minorticks_off()
+    if batches:
+        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
+    ax.set_xlabel("batch size (images per step)")
+
+
 def plot(report: Report, path: Path) -> Path:
     """Accuracy (or error) against batch size, GN-paper style: log2 x axis from the largest
     batch on the left to the smallest on the right, one line per method, std error bars;
@@ -535,14 +547,7 @@ def plot(report: Report, path: Path) -> Path:
                         linewidth=1.8, capsize=3, label=method)
         else:
             ax.plot([], [], color=color, marker="x", linestyle="none", label=f"{method} (no completed run)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(table.batch_sizes)
-    ax.set_xticklabels([str(b) for b in table.batch_sizes])
-    ax.minorticks_off()
-    if table.batch_sizes:
-        lo, hi = min(table.batch_sizes), max(table.batch_sizes)
-        ax.set_xlim(hi * 1.25, lo / 1.25)  # large batches left, small right, as in Wu & He (2018)
-    ax.set_xlabel("batch size (images per step)")
+    batch_axis(ax, table.batch_sizes)
     what = "error" if report.error else "accuracy"
     ax.set_ylabel(f"test {what} (%)")
     archs = {r.config.get("model", {}).get("arch", "?") for r in report.runs}

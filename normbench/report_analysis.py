@@ -115,15 +115,17 @@ def _colours(summaries: list[dict]) -> dict[str, tuple]:
 
 
 def _large_to_small(ax, batches: list[int]) -> None:
-    """Log2 batch axis from the largest batch on the left to the smallest, as the accuracy plot."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches)
-    ax.set_xticklabels([str(b) for b in batches])
-    ax.minorticks_off()
-    if batches:
-        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
-    ax.set_xlabel("batch size (images per step)")
+    """The accuracy plot's batch axis (large to small, log2), with a grid."""
+    from normbench.report import batch_axis
+
+    batch_axis(ax, batches)
     ax.grid(True, alpha=0.3)
+
+
+def _in_report_order(methods) -> list[str]:
+    from normbench.report import _method_sort_key
+
+    return sorted(methods, key=_method_sort_key)
 
 
 def _running_median(values: list[float], k: int = 5) -> list[float]:
@@ -231,9 +233,8 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
     fig, axes = _figure(len(batches), 3, 15.0, 3.6 * len(batches))
     for r, b in enumerate(batches):
         loss_ax, grad_ax, beta_ax = axes[r]
-        for method, runs in sorted(rows[b].items(), key=lambda kv: list(colours).index(kv[0])
-                                   if kv[0] in colours else len(colours)):
-            c = colours.get(method, "0.5")
+        for method in _in_report_order(rows[b]):
+            runs, c = rows[b][method], colours.get(method, "0.5")
             ep, lo = _seed_mean(runs, "probe/loss_min")
             _, hi = _seed_mean(runs, "probe/loss_max")
             loss_ax.fill_between(ep, lo, hi, color=c, alpha=0.3, lw=0)
@@ -271,8 +272,7 @@ def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path
     if not rows:
         return None
     batches = sorted(rows)
-    methods = sorted({m for by_method in rows.values() for m in by_method},
-                     key=lambda m: list(colours).index(m) if m in colours else len(colours))
+    methods = _in_report_order({m for by_method in rows.values() for m in by_method})
     from normbench.report import MARKERS
 
     fig, axes = _figure(1, 3, 16.0, 4.6)
