@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from torch.autograd import gradcheck
 from normbench.config import NormConfig, load_config
 from normbench.errors import UserError
 from normbench.models import ARCH_OVERRIDES, build_model
-from normbench.norms import available_norms, eps_of, functional, get_scheme
+from normbench.norms import available_norms, eps_of, functional, get_scheme, native
 from normbench.norms.batch import (BatchNorm2d, BatchRenorm2d, ChunkedBatchNormFn, GhostBatchNorm2d, _Chunks,
                                    ghost_chunk_sizes)
 from normbench.norms.sample import (EvoNormS0, EvoNormS0Fn, FilterResponseNorm2d, FRNFn, GroupNorm, InstanceNorm2d,
@@ -33,13 +35,15 @@ ALL = ["bn", "ghost_bn", "brn", "gn", "ln", "in", "ws_gn", "frn", "evonorm_s0", 
 D64 = torch.float64
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "generic"])
+@pytest.fixture(params=["native", "fast", "generic"])
 def kernels(request):
-    """Run a test with the CPU fast path of normbench.norms.functional and with the generic ops."""
-    old = functional.FAST_KERNELS
-    functional.FAST_KERNELS = request.param
+    """Run a test with the fused C++ kernels (normbench.norms.native), with the CPU fast path of
+    normbench.norms.functional, and with the generic ops."""
+    old = functional.FAST_KERNELS, native.ENABLED
+    functional.FAST_KERNELS = request.param != "generic"
+    native.ENABLED = request.param == "native"
     yield request.param
-    functional.FAST_KERNELS = old
+    functional.FAST_KERNELS, native.ENABLED = old
 
 
 def rand(*shape, seed=0, dtype=torch.float32, cl=False):
@@ -86,6 +90,64 @@ def test_functional_channels_last_rows_path_matches_formulas(shape):
 
 
 # ----------------------------------------------------------------------------- registry
+
+
+def test_native_kernels_build_on_this_machine():
+    """The fused kernels compile wherever a C++ compiler is (every machine kind of this project
+    has g++); without this, the "native" cases below would silently test the PyTorch path."""
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler on PATH")
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_native_primitives_against_formulas(dtype, cl):
+    """Each fused kernel against its float64 formula, in both layouts (float32 to float32 accuracy)."""
+    if native.library() is None:
+        pytest.skip("fused kernels unavailable")
+    x = rand(3, 16, 5, 4, dtype=dtype, cl=cl)
+    g = rand(3, 16, 5, 4, seed=3, dtype=dtype, cl=cl)
+    gen = torch.Generator().manual_seed(4)
+    a, k, k1 = (torch.randn(3, 16, generator=gen, dtype=dtype) for _ in range(3))
+    tau, v, beta = (torch.randn(16, generator=gen, dtype=dtype) for _ in range(3))
+    X, G, A, K, K1, T, V, Bt = (t.double() for t in (x, g, a, k, k1, tau, v, beta))
+    bc = lambda t: t[:, :, None, None]  # noqa: E731
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+    def close(actual, expected):
+        torch.testing.assert_close(actual.double(), expected, **tol)
+
+    mean, var = native.moments(x)
+    close(mean, X.mean((2, 3))), close(var, X.var((2, 3), unbiased=False))
+    y = native.affine(x, a, k, tau)
+    Y = torch.maximum(bc(A) * X + bc(K), per_c(T))
+    close(y, Y)
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    close(native.affine(x, a, k), bc(A) * X + bc(K))
+    Gm = torch.where(Y > per_c(T), G, 0.0)  # g' (the gradient the TLU passes)
+    sg, sgx, sg_all = native.grad_sums(g, x, y, tau, raw=True)
+    close(sg, Gm.sum((2, 3))), close(sgx, (Gm * X).sum((2, 3))), close(sg_all, G.sum((2, 3)))
+    close(native.grad_out(g, x, a, k1, k, y, tau), bc(A) * Gm + bc(K1) * X + bc(K))
+    close(native.grad_out(g, x, a, k1, k), bc(A) * G + bc(K1) * X + bc(K))
+    S = torch.sigmoid(per_c(V) * X)
+    close(native.evo_forward(x, v, a, beta), X * S * bc(A) + per_c(Bt))
+    for got, want in zip(native.evo_grad_sums(g, x, v), (G * X * S, G, G * X * X * S * (1 - S))):
+        close(got, want.sum((2, 3)))
+    close(native.evo_grad_out(g, x, v, a, k1, k), G * bc(A) * (S + per_c(V) * X * S * (1 - S)) + bc(K1) * X + bc(K))
+
+
+def test_native_sigmoid_is_accurate_over_the_float_range():
+    """The kernels' own float32 exp (for EvoNorm-S0's sigmoid) against torch.sigmoid in float64,
+    from saturation to saturation, and finite at the extremes."""
+    if native.library() is None:
+        pytest.skip("fused kernels unavailable")
+    x = torch.linspace(-120, 120, 48001).view(1, 1, 1, -1).contiguous()
+    ones = torch.ones(1, 1)
+    z = native.evo_forward(x, torch.ones(1), ones, torch.zeros(1))  # x sigmoid(x)
+    ref = x.double() * torch.sigmoid(x.double())
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z.double(), ref, rtol=2e-6, atol=1e-30)
 
 
 def test_registry_lists_every_scheme_with_flags():

@@ -9,11 +9,14 @@ is written by hand (checked by gradcheck in tests/test_norms.py) because autogra
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normbench.errors import UserError
+from normbench.norms import native
 from normbench.norms.functional import affine_bc, affine_bc_backward, moments
 
 
@@ -82,6 +85,15 @@ class _Chunks:
         self.count = torch.tensor(sizes, dtype=dtype).to(device)  # (K,)
         self.average = self.member / self.count[:, None]  # (K, B) rows sum to 1
         self.expand = self.member.t().contiguous()  # (B, K): chunk value -> each sample
+        self.starts = native.chunk_starts(sizes)  # (K + 1,) int64 offsets, for the fused kernels
+
+
+def _no_autocast(x: torch.Tensor):
+    """A context with autocast off for x's device (a no-op context when it is not on: entering
+    torch.autocast costs ~10 us, which shows at batch 2)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class ChunkedBatchNormFn(torch.autograd.Function):
@@ -100,15 +112,24 @@ class ChunkedBatchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm):
-        with torch.autocast(x.device.type, enabled=False):  # the chunk matmuls stay in x's dtype
-            return ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm)
+    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None):
+        with _no_autocast(x):  # the chunk matmuls stay in x's dtype
+            return ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update_momentum)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm):
+    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None):
+        ctx.native = native.applies(x)
+        ctx.chunks = chunks
+        if ctx.native:  # fused kernels, one call each way (two passes over x here, two back)
+            y, mean, var, rstd, a, r, d = native.cbn_forward(x, weight, bias, chunks.starts, eps, renorm,
+                                                             update_momentum)
+            ctx.save_for_backward(x, mean, rstd, a, r, d)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         m_bc, rstd_bc = moments(x)  # (B, C); eps 0, so var = rstd ** -2 exactly
+        var_bc = rstd_bc.pow(-2)
         mean = chunks.average @ m_bc  # (K, C)
-        var = chunks.average @ (rstd_bc.pow(-2) + (m_bc - chunks.expand @ mean).square_())
+        var = chunks.average @ (var_bc + (m_bc - chunks.expand @ mean).square_())
         rstd = torch.rsqrt(var + eps)
         if renorm is None:
             r = d = None
@@ -122,19 +143,22 @@ class ChunkedBatchNormFn(torch.autograd.Function):
             b = bias + weight * (d - r * rstd * mean)
         y = affine_bc(x, chunks.expand @ a, chunks.expand @ b)
         ctx.save_for_backward(x, mean, rstd, a, r, d)
-        ctx.chunks = chunks
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):
-        with torch.autocast(gy.device.type, enabled=False):
-            return ChunkedBatchNormFn._backward(ctx, gy)
+        with _no_autocast(gy):
+            return ChunkedBatchNormFn._backward(ctx, gy) + (None,)
 
     @staticmethod
     def _backward(ctx, gy):
         x, mean, rstd, a, r, d = ctx.saved_tensors
         chunks = ctx.chunks
+        if ctx.native:
+            gx, g_weight, g_bias = native.cbn_backward(gy, x, chunks.starts, mean, rstd, a, r, d)
+            return (gx, g_weight if ctx.needs_input_grad[1] else None, g_bias if ctx.needs_input_grad[2] else None,
+                    None, None, None)
         if x.is_contiguous():
             gy = gy.contiguous()
         gi, dot_bc, gsum_bc = affine_bc_backward(gy, x, chunks.expand @ a)  # a g, sum g x, sum g
@@ -297,8 +321,12 @@ class BatchRenorm2d(nn.Module):
                                 False, 0.0, 0.0)
         reject_single_value(x, x.shape[0], self.layer, "Batch Renorm")
         path = self.path
-        if path == "auto":  # measured (scripts/bench_norms.py): the BN kernel wins on small CPU batches
-            path = "kernel" if x.device.type != "cpu" or x.numel() <= KERNEL_PATH_MAX_NUMEL else "chunked"
+        if path == "auto":  # measured (scripts/bench_norms.py): the fused kernels win at every CPU size;
+            # without them the BN kernel wins on small CPU batches and on GPUs
+            if native.applies(x):
+                path = "chunked"
+            else:
+                path = "kernel" if x.device.type != "cpu" or x.numel() <= KERNEL_PATH_MAX_NUMEL else "chunked"
         if path == "kernel":
             y, mean, var = self._forward_kernel(x)
         else:
@@ -307,7 +335,13 @@ class BatchRenorm2d(nn.Module):
                     or chunks.member.dtype != x.dtype:
                 chunks = self._one_chunk = _Chunks([x.shape[0]], x.device, x.dtype)
             renorm = (self.running_mean, self.running_std, self.r_limit, self.d_limit)
-            y, mean, var = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm)
+            in_place = (native.applies(x) and native.can_update_in_place(self.running_mean, x)
+                        and native.can_update_in_place(self.running_std, x))
+            y, mean, var = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm,
+                                                    self.momentum if in_place else None)
+            if in_place:  # the kernel has moved the running statistics already
+                self.num_batches_tracked.add_(1)
+                return y
             mean, var = mean[0], var[0]
         with torch.no_grad():
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)

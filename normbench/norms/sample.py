@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normbench.norms import native
 from normbench.norms.functional import affine_bc, affine_bc_backward, mean_sq, moments, threshold_backward
 
 FRN_EPS_FLOOR = 1e-6  # learned eps = 1e-6 + |eps_l| (Singh & Krishnan 2019, Sec. 3.2)
@@ -85,12 +86,15 @@ class FRNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tau, eps):
         bsz, c = x.shape[0], x.shape[1]
+        ctx.eps_is_tensor = isinstance(eps, torch.Tensor)
+        ctx.native = native.applies(x)
+        if ctx.native:  # fused kernels, one call each way (two passes over x here, two back)
+            z, inv = native.frn_forward(x, weight, bias, tau, float(eps))
+            ctx.save_for_backward(x, weight, inv, z if tau is not None else None, tau)
+            return z
         var = mean_sq(x)  # nu^2, (B, C)
-        if isinstance(eps, torch.Tensor):  # learned eps: fold it into var
+        if ctx.eps_is_tensor:  # learned eps: fold it into var
             var, eps = var + eps, 0.0
-            ctx.eps_is_tensor = True
-        else:
-            ctx.eps_is_tensor = False
         z = affine_bc(x, weight.expand(bsz, c), bias.expand(bsz, c), var, eps)
         if tau is not None:
             z = z.clamp_(min=_per_channel(tau))
@@ -100,6 +104,13 @@ class FRNFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gz):
+        if ctx.native:
+            x, weight, inv, z, tau = ctx.saved_tensors
+            gx, gweight, gbias, gtau, k = native.frn_backward(gz, x, z, tau, weight, inv)
+            geps = None
+            if ctx.eps_is_tensor and ctx.needs_input_grad[4]:
+                geps = k.sum() * (-0.5 * x.shape[2] * x.shape[3])
+            return gx, gweight, gbias, gtau, geps
         x, weight, var, z, tau = ctx.saved_tensors
         bsz, c = x.shape[0], x.shape[1]
         gtau = None
@@ -174,6 +185,10 @@ class EvoNormS0Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, weight, bias, groups: int, eps: float):
         bsz, c = x.shape[0], x.shape[1]
+        ctx.groups = groups
+        ctx.native = native.applies(x)
+        if ctx.native:
+            return EvoNormS0Fn._forward_native(ctx, x, v, weight, bias, groups, eps)
         mean, rstd = moments(x, groups, eps)  # (B, G)
         rstd_c = rstd.repeat_interleave(c // groups, dim=1)  # (B, C)
         if v is not None:
@@ -183,11 +198,26 @@ class EvoNormS0Fn(torch.autograd.Function):
             s, q = None, x
         z = affine_bc(q, weight * rstd_c, bias.expand(bsz, c))
         ctx.save_for_backward(x, v, weight, mean, rstd, rstd_c, s, q if v is not None else None)
-        ctx.groups = groups
         return z
 
     @staticmethod
+    def _forward_native(ctx, x, v, weight, bias, groups: int, eps: float):
+        """Fused kernels, one call each way: group moments from per-channel moments (Chan et al.'s
+        parallel variance), then z; s is recomputed in backward rather than stored."""
+        z, mean, rstd = native.evo_forward_full(x, v, weight, bias, groups, eps)
+        ctx.save_for_backward(x, v, weight, mean, rstd)
+        return z
+
+    @staticmethod
+    def _backward_native(ctx, gz):
+        x, v, weight, mean, rstd = ctx.saved_tensors
+        gx, gv, gweight, gbias = native.evo_backward_full(gz, x, v, weight, ctx.groups, mean, rstd)
+        return gx, gv, gweight, gbias, None, None
+
+    @staticmethod
     def backward(ctx, gz):
+        if ctx.native:
+            return EvoNormS0Fn._backward_native(ctx, gz)
         x, v, weight, mean, rstd, rstd_c, s, q = ctx.saved_tensors
         groups = ctx.groups
         bsz, c = x.shape[0], x.shape[1]

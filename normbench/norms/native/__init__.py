@@ -1,0 +1,355 @@
+"""Fused CPU kernels (fused.cpp) for FRN + TLU, EvoNorm-S0 and the chunked BatchNorm of Ghost BN /
+Batch Renorm: one pass over the activation per kernel instead of the 3-8 passes (and temporaries)
+that the same maths costs as PyTorch ops.
+
+The C++ file has no PyTorch headers: it is compiled on first use with the system's C++ compiler
+(``g++ -O3 -march=native -fopenmp``, about 2 s) into ``$NORMBENCH_NATIVE_CACHE`` (default
+``~/.cache/normbench/native``, keyed by a hash of the source, the flags, the compiler and the
+CPU's feature flags) and called through ctypes on tensors' memory. Its OpenMP loops run in the
+process's libgomp, which is PyTorch's own (same soname, already loaded), so
+``torch.set_num_threads`` sizes them too.
+
+Used only where it applies: CPU tensors of float32 / float64, 4-d, contiguous in NCHW or
+channels_last, outside ``torch.compile`` tracing. Everything else, and any machine where the
+build fails (one warning on stderr), takes the PyTorch path of normbench.norms.functional,
+which computes the same maths; ``NORMBENCH_NATIVE=0`` forces that path. The tests compare both
+paths, and gradcheck runs on both (the kernels have float64 versions).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
+ENABLED = os.environ.get("NORMBENCH_NATIVE", "1") != "0"  # tests switch it per case
+
+def _disable_in_forked_child() -> None:
+    """A forked child must not start OpenMP regions in a pool its parent created (libgomp can
+    hang there; PyTorch turns its own intra-op parallelism off in forked children for the same
+    reason), so the kernels stand down in it and the PyTorch path runs."""
+    global ENABLED
+    ENABLED = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disable_in_forked_child)
+
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+_fns: dict = {}
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {  # name: argument types (pointers, then B, C, S, nhwc, then pointers)
+    "bc_moments": [_P, _I, _I, _I, ctypes.c_int, _P, _P],
+    "bc_affine": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
+    "bc_grad_sums": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P],
+    "bc_grad_out": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
+    "evo_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
+    "evo_grad_sums": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
+    "evo_grad_out": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P],
+    "frn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, ctypes.c_double, _P, _P],
+    "frn_backward": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P],
+    "evo_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P],
+    "evo_backward_full": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _I, _P, _P, _P, _P, _P, _P],
+    "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, ctypes.c_double,
+                    ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double],
+    "cbn_backward": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P],
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NORMBENCH_NATIVE_CACHE", Path.home() / ".cache" / "normbench" / "native"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> ctypes.CDLL:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    target = _cache_dir() / f"fused-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            os.replace(tmp, target)  # atomic: concurrent builders (sweep workers) never see half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    for name, args in _SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, None
+            _fns[(name, suffix)] = fn
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, building them on first use; None if disabled or the build failed."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if ENABLED:
+            try:
+                _lib = _build()
+            except Exception as err:  # noqa: BLE001  (any failure: fall back, say so once)
+                print(f"normbench: fused CPU kernels unavailable ({err}); using the PyTorch path", file=sys.stderr)
+                _lib = None
+    return _lib
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernels can take ``x`` (and are enabled and available)."""
+    if (not ENABLED or x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64)
+            or torch.compiler.is_compiling()):
+        return False
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return library() is not None
+
+
+def _layout(x: torch.Tensor) -> int:
+    """1 for channels_last storage (NHWC), 0 for NCHW; shapes where both coincide count as NCHW."""
+    return 0 if x.is_contiguous() else 1
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t in x's memory layout (a no-op when it already is)."""
+    fmt = torch.channels_last if _layout(x) else torch.contiguous_format
+    return t if t.is_contiguous(memory_format=fmt) and t.dtype == x.dtype else t.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _per_bc(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (broadcastable to (B, C)) as a contiguous (B, C) array of x's dtype."""
+    return t.detach().to(x.dtype).expand(x.shape[0], x.shape[1]).contiguous()
+
+
+def _per_c(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """t (C values) as a contiguous 1-d array of x's dtype (None stays None)."""
+    if t is None or (t.dtype == x.dtype and t.dim() == 1 and t.is_contiguous() and t.shape[0] == x.shape[1]):
+        return t  # the common case (a parameter): no copy, no extra op
+    return t.detach().to(x.dtype).reshape(x.shape[1]).contiguous()
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _fn(name: str, x: torch.Tensor):
+    if not _fns and library() is None:
+        raise RuntimeError("normbench's fused CPU kernels are unavailable (see the warning above)")
+    return _fns[(name, "f32" if x.dtype == torch.float32 else "f64")]
+
+
+def _dims(x: torch.Tensor):
+    b, c, h, w = x.shape
+    return b, c, h * w, _layout(x)
+
+
+def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) over (H, W) per sample and channel, each (B, C)."""
+    b, c, s, nhwc = _dims(x)
+    mean, var = x.new_empty(b, c), x.new_empty(b, c)
+    _fn("bc_moments", x)(x.data_ptr(), b, c, s, nhwc, mean.data_ptr(), var.data_ptr())
+    return mean, var
+
+
+def affine(x: torch.Tensor, a: torch.Tensor, k: torch.Tensor, tau: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a x + k (a, k of shape (B, C)), then max(., tau) per channel when tau is given; x's layout."""
+    b, c, s, nhwc = _dims(x)
+    a, k, tau = _per_bc(a, x), _per_bc(k, x), _per_c(tau, x)
+    y = torch.empty_like(x)
+    _fn("bc_affine", x)(x.data_ptr(), b, c, s, nhwc, a.data_ptr(), k.data_ptr(), _ptr(tau), y.data_ptr())
+    return y
+
+
+def grad_sums(g: torch.Tensor, x: torch.Tensor, z: Optional[torch.Tensor] = None, tau: Optional[torch.Tensor] = None,
+              raw: bool = False):
+    """(sum g', sum g' x, sum g or None) over (H, W), each (B, C); g' = g where z > tau (else 0)
+    when z and tau are given, else g."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    z = None if z is None else _like(z, x)
+    tau = _per_c(tau, x)
+    sg, sgx = x.new_empty(b, c), x.new_empty(b, c)
+    sgraw = x.new_empty(b, c) if raw else None
+    _fn("bc_grad_sums", x)(g.data_ptr(), x.data_ptr(), _ptr(z), _ptr(tau), b, c, s, nhwc, sg.data_ptr(),
+                           sgx.data_ptr(), _ptr(sgraw))
+    return sg, sgx, sgraw
+
+
+def grad_out(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor, k0: torch.Tensor,
+             z: Optional[torch.Tensor] = None, tau: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a g' + k1 x + k0 (a, k1, k0 of shape (B, C); g' as in :func:`grad_sums`); x's layout."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    z = None if z is None else _like(z, x)
+    a, k1, k0, tau = _per_bc(a, x), _per_bc(k1, x), _per_bc(k0, x), _per_c(tau, x)
+    gx = torch.empty_like(x)
+    _fn("bc_grad_out", x)(g.data_ptr(), x.data_ptr(), _ptr(z), _ptr(tau), b, c, s, nhwc, a.data_ptr(),
+                          k1.data_ptr(), k0.data_ptr(), gx.data_ptr())
+    return gx
+
+
+def evo_forward(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """x sigmoid(v x) a + beta (v, beta per channel, a of shape (B, C)); x's layout."""
+    b, c, s, nhwc = _dims(x)
+    v, a, beta = _per_c(v, x), _per_bc(a, x), _per_c(beta, x)
+    z = torch.empty_like(x)
+    _fn("evo_forward", x)(x.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(), beta.data_ptr(), z.data_ptr())
+    return z
+
+
+def evo_grad_sums(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor):
+    """(sum g x s, sum g, sum g x^2 s (1 - s)) over (H, W) with s = sigmoid(v x), each (B, C)."""
+    b, c, s, nhwc = _dims(x)
+    g, v = _like(g, x), _per_c(v, x)
+    out = [x.new_empty(b, c) for _ in range(3)]
+    _fn("evo_grad_sums", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, v.data_ptr(), *(t.data_ptr() for t in out))
+    return tuple(out)
+
+
+def evo_grad_out(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
+                 k0: torch.Tensor) -> torch.Tensor:
+    """g a (s + v x s (1 - s)) + k1 x + k0 with s = sigmoid(v x); x's layout."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    v, a, k1, k0 = _per_c(v, x), _per_bc(a, x), _per_bc(k1, x), _per_bc(k0, x)
+    gx = torch.empty_like(x)
+    _fn("evo_grad_out", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(), k1.data_ptr(),
+                           k0.data_ptr(), gx.data_ptr())
+    return gx
+
+
+def frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, tau: Optional[torch.Tensor], eps: float):
+    """FRN (+ TLU) forward in one call: (z, inv) with inv = 1 / sqrt(nu^2 + eps) of shape (B, C)."""
+    b, c, s, nhwc = _dims(x)
+    gamma, beta, tau = _per_c(gamma, x), _per_c(beta, x), _per_c(tau, x)
+    z, inv = torch.empty_like(x), x.new_empty(b, c)
+    _fn("frn_forward", x)(x.data_ptr(), b, c, s, nhwc, gamma.data_ptr(), beta.data_ptr(), _ptr(tau), float(eps),
+                          inv.data_ptr(), z.data_ptr())
+    return z, inv
+
+
+def frn_backward(g: torch.Tensor, x: torch.Tensor, z: Optional[torch.Tensor], tau: Optional[torch.Tensor],
+                 gamma: torch.Tensor, inv: torch.Tensor):
+    """FRN (+ TLU) backward in one call: (dx, dgamma, dbeta, dtau or None, k) with k (B, C) =
+    gamma inv^3 mean(g' x) (a learned eps gets -N/2 sum k)."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    z = None if z is None else _like(z, x)
+    gamma, tau = _per_c(gamma, x), _per_c(tau, x)
+    gx = torch.empty_like(x)
+    dgamma, dbeta, k = x.new_empty(c), x.new_empty(c), x.new_empty(b, c)
+    dtau = x.new_empty(c) if tau is not None else None
+    _fn("frn_backward", x)(g.data_ptr(), x.data_ptr(), _ptr(z), _ptr(tau), b, c, s, nhwc, gamma.data_ptr(),
+                           inv.data_ptr(), gx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), _ptr(dtau), k.data_ptr())
+    return gx, dgamma, dbeta, dtau, k
+
+
+def evo_forward_full(x: torch.Tensor, v: Optional[torch.Tensor], gamma: torch.Tensor, beta: torch.Tensor,
+                     groups: int, eps: float):
+    """EvoNorm-S0 forward in one call (v None: group-std scaling only): (z, mean_g, rstd_g), the
+    group statistics of shape (B, G)."""
+    b, c, s, nhwc = _dims(x)
+    v, gamma, beta = _per_c(v, x), _per_c(gamma, x), _per_c(beta, x)
+    z, mean_g, rstd_g = torch.empty_like(x), x.new_empty(b, groups), x.new_empty(b, groups)
+    _fn("evo_forward_full", x)(x.data_ptr(), b, c, s, nhwc, _ptr(v), gamma.data_ptr(), beta.data_ptr(), groups,
+                               float(eps), mean_g.data_ptr(), rstd_g.data_ptr(), z.data_ptr())
+    return z, mean_g, rstd_g
+
+
+def evo_backward_full(g: torch.Tensor, x: torch.Tensor, v: Optional[torch.Tensor], gamma: torch.Tensor, groups: int,
+                      mean_g: torch.Tensor, rstd_g: torch.Tensor):
+    """EvoNorm-S0 backward in one call: (dx, dv or None, dgamma, dbeta)."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    v, gamma = _per_c(v, x), _per_c(gamma, x)
+    gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    dv = x.new_empty(c) if v is not None else None
+    _fn("evo_backward_full", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, _ptr(v), gamma.data_ptr(), groups,
+                                mean_g.data_ptr(), rstd_g.data_ptr(), gx.data_ptr(), _ptr(dv), dgamma.data_ptr(),
+                                dbeta.data_ptr())
+    return gx, dv, dgamma, dbeta
+
+
+def chunk_starts(sizes: list[int]) -> torch.Tensor:
+    """The int64 offsets [0, n_0, n_0 + n_1, ...] of consecutive chunks (for the cbn kernels)."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def can_update_in_place(buffer: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a running-statistics buffer can be handed to the kernels to update in place."""
+    return buffer.dtype == x.dtype and buffer.is_contiguous() and buffer.dim() == 1
+
+
+def cbn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, starts: torch.Tensor, eps: float,
+                renorm=None, update_momentum: Optional[float] = None):
+    """Chunked BatchNorm forward in one call; ``renorm`` = (running_mean, running_std, r_limit,
+    d_limit) for Batch Renorm. Returns y and, per chunk (K, C): mean, var, rstd, A (= the scale
+    applied), r and d (None without renorm). With ``update_momentum`` (Batch Renorm, one chunk,
+    buffers that pass :func:`can_update_in_place`) the running mean / std are also moved in place
+    towards this batch's mean / sqrt(var + eps) at that rate, after r and d used the old values."""
+    b, c, s, nhwc = _dims(x)
+    k = starts.numel() - 1
+    gamma, beta = _per_c(gamma, x), _per_c(beta, x)
+    y = torch.empty_like(x)
+    mean, var, rstd, a = (x.new_empty(k, c) for _ in range(4))
+    if renorm is not None:
+        run_mean, run_std, r_lim, d_lim = renorm
+        run_mean, run_std, r_lim, d_lim = _per_c(run_mean, x), _per_c(run_std, x), float(r_lim), float(d_lim)
+        r, d = x.new_empty(k, c), x.new_empty(k, c)
+    else:
+        run_mean = run_std = r = d = None
+        r_lim = d_lim = 0.0
+    upd = update_momentum is not None
+    if upd and not (renorm is not None and k == 1 and can_update_in_place(renorm[0], x)
+                    and can_update_in_place(renorm[1], x)):
+        raise ValueError("in-place running-statistics update needs Batch Renorm buffers of x's dtype and one chunk")
+    _fn("cbn_forward", x)(x.data_ptr(), b, c, s, nhwc, gamma.data_ptr(), beta.data_ptr(), starts.data_ptr(), k,
+                          float(eps), _ptr(run_mean), _ptr(run_std), r_lim, d_lim, y.data_ptr(), mean.data_ptr(),
+                          var.data_ptr(), rstd.data_ptr(), a.data_ptr(), _ptr(r), _ptr(d),
+                          _ptr(renorm[0]) if upd else None, _ptr(renorm[1]) if upd else None,
+                          float(update_momentum) if upd else 0.0)
+    return y, mean, var, rstd, a, r, d
+
+
+def cbn_backward(g: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 a: torch.Tensor, r: Optional[torch.Tensor], d: Optional[torch.Tensor]):
+    """Chunked BatchNorm backward in one call (r, d constants): (dx, dgamma, dbeta)."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    _fn("cbn_backward", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, starts.data_ptr(), starts.numel() - 1,
+                           mean.data_ptr(), rstd.data_ptr(), a.data_ptr(), _ptr(r), _ptr(d), gx.data_ptr(),
+                           dgamma.data_ptr(), dbeta.data_ptr())
+    return gx, dgamma, dbeta
