@@ -131,10 +131,12 @@ def test_native_primitives_against_formulas(dtype, cl):
     close(native.grad_out(g, x, a, k1, k, y, tau), bc(A) * Gm + bc(K1) * X + bc(K))
     close(native.grad_out(g, x, a, k1, k), bc(A) * G + bc(K1) * X + bc(K))
     S = torch.sigmoid(per_c(V) * X)
-    close(native.evo_forward(x, v, a, beta), X * S * bc(A) + per_c(Bt))
-    for got, want in zip(native.evo_grad_sums(g, x, v), (G * X * S, G, G * X * X * S * (1 - S))):
+    z, sig = native.evo_forward(x, v, a, beta)
+    close(z, X * S * bc(A) + per_c(Bt)), close(sig, S)
+    for got, want in zip(native.evo_grad_sums(g, x, sig), (G * X * S, G, G * X * X * S * (1 - S))):
         close(got, want.sum((2, 3)))
-    close(native.evo_grad_out(g, x, v, a, k1, k), G * bc(A) * (S + per_c(V) * X * S * (1 - S)) + bc(K1) * X + bc(K))
+    close(native.evo_grad_out(g, x, sig, v, a, k1, k),
+          G * bc(A) * (S + per_c(V) * X * S * (1 - S)) + bc(K1) * X + bc(K))
 
 
 def test_native_sigmoid_is_accurate_over_the_float_range():
@@ -144,7 +146,7 @@ def test_native_sigmoid_is_accurate_over_the_float_range():
         pytest.skip("fused kernels unavailable")
     x = torch.linspace(-120, 120, 48001).view(1, 1, 1, -1).contiguous()
     ones = torch.ones(1, 1)
-    z = native.evo_forward(x, torch.ones(1), ones, torch.zeros(1))  # x sigmoid(x)
+    z, _ = native.evo_forward(x, torch.ones(1), ones, torch.zeros(1))  # x sigmoid(x)
     ref = x.double() * torch.sigmoid(x.double())
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z.double(), ref, rtol=2e-6, atol=1e-30)
@@ -302,6 +304,48 @@ def test_ghost_bn_gradcheck(kernels):
         assert gradcheck(lambda x, w, b: ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, None)[0], (x, w, b))
 
 
+def test_chunked_bn_fused_relu_gradcheck():
+    """The fused ReLU of the native chunked kernels (Ghost BN and Batch Renorm + ReLU in one call):
+    gradcheck through the kink-free inputs gradcheck draws (the mask is piecewise constant)."""
+    if native.library() is None:
+        pytest.skip("fused kernels unavailable")
+    renorm = (torch.full((3,), 50.0, dtype=D64), torch.full((3,), 0.01, dtype=D64),
+              torch.tensor(1.5, dtype=D64), torch.tensor(0.5, dtype=D64))
+    for sizes, rn in [([2, 3], None), ([3, 2, 2], None), ([5], renorm)]:
+        chunks = _Chunks(sizes, "cpu", D64)
+        x = rand(sum(sizes), 3, 2, 3, dtype=D64).requires_grad_()
+        w, b = affine_params(3)
+        y = ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, rn, None, True)[0]
+        torch.testing.assert_close(y, F.relu(ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, rn)[0]))
+        assert (y == 0).any() and (y > 0).any()  # the mask is exercised
+        assert gradcheck(lambda x, w, b: ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, rn, None, True)[0], (x, w, b))
+
+
+@pytest.mark.parametrize("make", [lambda relu: GhostBatchNorm2d(4, ghost_batch_size=3, relu=relu),
+                                  lambda relu: _brn_chunked(4, relu=relu)], ids=["ghost_bn", "brn"])
+def test_fused_relu_layers_equal_the_layer_then_relu(kernels, make):
+    """GhostBatchNorm2d / BatchRenorm2d with relu=True (fused where the kernels apply) equal the
+    same layer followed by F.relu: outputs, all gradients and running statistics, train and eval."""
+    torch.manual_seed(0)
+    fused, plain = make(True).double(), make(False).double()
+    plain.load_state_dict(fused.state_dict())
+    x = rand(8, 4, 3, 3, dtype=D64, cl=True).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    g = rand(8, 4, 3, 3, seed=5, dtype=D64)
+    for _ in range(2):
+        y, y2 = fused(x), F.relu(plain(x2))
+        torch.testing.assert_close(y, y2)
+        y.backward(g), y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for p, q in zip(fused.buffers(), plain.buffers()):
+        torch.testing.assert_close(p, q)
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(x), F.relu(plain(x2)))
+    assert fused.dead_floor == 0.0 and plain.dead_floor is None
+
+
 @pytest.mark.parametrize("g_cl", [False, True], ids=["grad_nchw", "grad_channels_last"])
 @pytest.mark.parametrize("make", [lambda: GhostBatchNorm2d(3, ghost_batch_size=2),
                                   lambda: _brn_chunked(3)], ids=["ghost_bn", "brn"])
@@ -319,8 +363,8 @@ def test_chunked_bn_channels_last_matches_nchw(make, g_cl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _brn_chunked(c):
-    layer = BatchRenorm2d(c, r_max=2.0, d_max=1.0)
+def _brn_chunked(c, relu=False):
+    layer = BatchRenorm2d(c, r_max=2.0, d_max=1.0, relu=relu)
     layer.path = "chunked"
     layer.set_progress(10.0)
     with torch.no_grad():

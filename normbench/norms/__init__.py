@@ -119,16 +119,17 @@ register(NormScheme(
 register(NormScheme(
     "ghost_bn",
     lambda cfg, c, act, layer: NormAct(
-        batch.GhostBatchNorm2d(c, eps_of(cfg), cfg.momentum, cfg.ghost_batch_size, cfg.running_stats, layer),
-        _relu_if(act)),
+        batch.GhostBatchNorm2d(c, eps_of(cfg), cfg.momentum, cfg.ghost_batch_size, cfg.running_stats, layer,
+                               relu=act),
+        None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(b, H, W) per channel, per chunk of ghost_batch_size samples",
     paper="Hoffer, Hubara & Soudry 2017"))
 register(NormScheme(
     "brn",
     lambda cfg, c, act, layer: NormAct(
         batch.BatchRenorm2d(c, eps_of(cfg), cfg.renorm_momentum, cfg.r_max, cfg.d_max, cfg.brn_warmup_epochs,
-                            cfg.brn_r_max_epochs, cfg.brn_d_max_epochs, layer),
-        _relu_if(act)),
+                            cfg.brn_r_max_epochs, cfg.brn_d_max_epochs, layer, relu=act),
+        None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(B, H, W) per channel, corrected by r, d towards the moving statistics",
     paper="Ioffe 2017", prefers_channels_last=False))
 register(NormScheme(

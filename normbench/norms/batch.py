@@ -105,27 +105,36 @@ class ChunkedBatchNormFn(torch.autograd.Function):
     r_limit, d_limit) for Batch Renorm (one chunk): r = clip(sigma_B / sigma, 1/r_limit,
     r_limit), d = clip((mu_B - mu) / sigma, -d_limit, d_limit), sigma_B = sqrt(var_B + eps),
     constants in backward; None means r = 1, d = 0 (Ghost BatchNorm).
-    Returns (y, mu (K, C), var (K, C)); the statistics carry no gradient.
+    Returns (y, stats) with stats[0] = mu (K, C) and stats[1] = var (K, C) (more rows may follow);
+    the statistics carry no gradient. ``update_momentum``
+    (Batch Renorm) moves the moving statistics in place in the kernel; ``relu`` returns max(y, 0)
+    (a fused ReLU, its mask applied to the gradient in backward); both need the fused kernels
+    (normbench.norms.native).
 
     Backward (per chunk and channel, N = n_j H W, a = gamma r / sqrt(var_j + eps)):
     dx = a (g - mean(g) - x_hat mean(g x_hat)), dgamma = sum g (r x_hat + d), dbeta = sum g.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None):
+    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None, relu=False,
+                counter=None):
+        ctx.native = native.applies(x)
+        if ctx.native:  # fused kernels, one call each way
+            ctx.chunks, ctx.renorm = chunks, renorm is not None
+            y, stats = native.cbn_forward(x, weight, bias, chunks.starts, eps, renorm, update_momentum, relu, counter)
+            ctx.save_for_backward(x, stats, y if relu else None)
+            ctx.mark_non_differentiable(stats)
+            return y, stats
         with _no_autocast(x):  # the chunk matmuls stay in x's dtype
-            return ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update_momentum)
+            y, mean, var = ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update_momentum,
+                                                       relu)
+            return y, torch.stack([mean, var])
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None):
-        ctx.native = native.applies(x)
+    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None, relu=False):
         ctx.chunks = chunks
-        if ctx.native:  # fused kernels, one call each way (two passes over x here, two back)
-            y, mean, var, rstd, a, r, d = native.cbn_forward(x, weight, bias, chunks.starts, eps, renorm,
-                                                             update_momentum)
-            ctx.save_for_backward(x, mean, rstd, a, r, d)
-            ctx.mark_non_differentiable(mean, var)
-            return y, mean, var
+        if relu or update_momentum is not None:
+            raise ValueError("a fused ReLU and in-place running statistics need normbench's fused kernels")
         m_bc, rstd_bc = moments(x)  # (B, C); eps 0, so var = rstd ** -2 exactly
         var_bc = rstd_bc.pow(-2)
         mean = chunks.average @ m_bc  # (K, C)
@@ -143,22 +152,22 @@ class ChunkedBatchNormFn(torch.autograd.Function):
             b = bias + weight * (d - r * rstd * mean)
         y = affine_bc(x, chunks.expand @ a, chunks.expand @ b)
         ctx.save_for_backward(x, mean, rstd, a, r, d)
-        ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):
+    def backward(ctx, gy, _gstats):
+        if ctx.native:
+            x, stats, y = ctx.saved_tensors
+            gx, g_weight, g_bias = native.cbn_backward(gy, x, ctx.chunks.starts, stats, ctx.renorm, y)
+            return (gx, g_weight if ctx.needs_input_grad[1] else None, g_bias if ctx.needs_input_grad[2] else None,
+                    None, None, None, None, None, None)
         with _no_autocast(gy):
-            return ChunkedBatchNormFn._backward(ctx, gy) + (None,)
+            return ChunkedBatchNormFn._backward(ctx, gy) + (None, None, None)
 
     @staticmethod
     def _backward(ctx, gy):
-        x, mean, rstd, a, r, d = ctx.saved_tensors
         chunks = ctx.chunks
-        if ctx.native:
-            gx, g_weight, g_bias = native.cbn_backward(gy, x, chunks.starts, mean, rstd, a, r, d)
-            return (gx, g_weight if ctx.needs_input_grad[1] else None, g_bias if ctx.needs_input_grad[2] else None,
-                    None, None, None)
+        x, mean, rstd, a, r, d = ctx.saved_tensors
         if x.is_contiguous():
             gy = gy.contiguous()
         gi, dot_bc, gsum_bc = affine_bc_backward(gy, x, chunks.expand @ a)  # a g, sum g x, sum g
@@ -197,8 +206,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, ghost_batch_size: int = 16,
-                 running_stats: str = "per_step", layer: str = "?"):
+                 running_stats: str = "per_step", layer: str = "?", relu: bool = False):
         super().__init__(channels, eps=eps, momentum=momentum)
+        self.relu = relu  # the ReLU that follows, fused into the chunked kernels (applied after otherwise)
+        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
         if running_stats not in ("per_step", "per_chunk"):
             raise UserError(f"norm.running_stats: got {running_stats!r}; allowed: per_step, per_chunk")
         self.ghost_batch_size = int(ghost_batch_size)
@@ -219,17 +230,21 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return super().forward(x)
+            return self._act(super().forward(x))
         if x.shape[0] <= self.ghost_batch_size:  # one chunk: exactly BatchNorm (PyTorch's kernel)
             reject_single_value(x, x.shape[0], self.layer, "Ghost BatchNorm")
             self.num_batches_tracked.add_(1)
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                self.momentum, self.eps)
+            return self._act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                          self.momentum, self.eps))
         chunks = self._chunks(x.shape[0], x)
         reject_single_value(x, min(chunks.sizes), self.layer, "Ghost BatchNorm")
-        y, mean, var = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None)
-        self._update_running(mean, var, chunks, x.shape[2] * x.shape[3])
-        return y
+        fuse = self.relu and native.applies(x)
+        y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None, None, fuse)
+        self._update_running(stats[0], stats[1], chunks, x.shape[2] * x.shape[3])
+        return y if fuse else self._act(y)
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y, inplace=True) if self.relu else y
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, chunks: _Chunks, hw: int) -> None:
@@ -285,8 +300,10 @@ class BatchRenorm2d(nn.Module):
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.01, r_max: float = 3.0,
                  d_max: float = 5.0, warmup_epochs: float = 0.0, r_max_epochs: float = 0.0,
-                 d_max_epochs: float = 0.0, layer: str = "?"):
+                 d_max_epochs: float = 0.0, layer: str = "?", relu: bool = False):
         super().__init__()
+        self.relu = relu  # the ReLU that follows, fused into the chunked kernels (applied after otherwise)
+        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
         self.num_features, self.eps, self.momentum, self.layer = channels, eps, momentum, layer
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_epochs, self.r_max_epochs, self.d_max_epochs = warmup_epochs, r_max_epochs, d_max_epochs
@@ -317,37 +334,53 @@ class BatchRenorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_std.square(), self.weight, self.bias,
-                                False, 0.0, 0.0)
+            return self._act(F.batch_norm(x, self.running_mean, self.running_std.square(), self.weight, self.bias,
+                                          False, 0.0, 0.0))
         reject_single_value(x, x.shape[0], self.layer, "Batch Renorm")
+        fast = native.applies(x)
         path = self.path
         if path == "auto":  # measured (scripts/bench_norms.py): the fused kernels win at every CPU size;
             # without them the BN kernel wins on small CPU batches and on GPUs
-            if native.applies(x):
+            if fast:
                 path = "chunked"
             else:
                 path = "kernel" if x.device.type != "cpu" or x.numel() <= KERNEL_PATH_MAX_NUMEL else "chunked"
         if path == "kernel":
             y, mean, var = self._forward_kernel(x)
+            y = self._act(y)
         else:
             chunks = getattr(self, "_one_chunk", None)
             if chunks is None or chunks.sizes[0] != x.shape[0] or chunks.member.device != x.device \
                     or chunks.member.dtype != x.dtype:
                 chunks = self._one_chunk = _Chunks([x.shape[0]], x.device, x.dtype)
             renorm = (self.running_mean, self.running_std, self.r_limit, self.d_limit)
-            in_place = (native.applies(x) and native.can_update_in_place(self.running_mean, x)
-                        and native.can_update_in_place(self.running_std, x))
-            y, mean, var = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm,
-                                                    self.momentum if in_place else None)
-            if in_place:  # the kernel has moved the running statistics already
-                self.num_batches_tracked.add_(1)
+            in_place = fast and self._buffers_take(x)
+            fuse = self.relu and fast
+            y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm,
+                                                self.momentum if in_place else None, fuse, self.num_batches_tracked)
+            if not fuse:
+                y = self._act(y)
+            if in_place:  # the kernel has moved the running statistics and counted the step
                 return y
-            mean, var = mean[0], var[0]
+            mean, var = stats[0, 0], stats[1, 0]
         with torch.no_grad():
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_std.lerp_((var + self.eps).sqrt().to(self.running_std.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
         return y
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y, inplace=True) if self.relu else y
+
+    def _buffers_take(self, x: torch.Tensor) -> bool:
+        """Whether the fused kernels can update the moving statistics in place for input x
+        (cached per input dtype and buffer identity: it is asked every step)."""
+        key = (x.dtype, x.shape[1], self.running_mean.data_ptr(), self.running_std.data_ptr())
+        if getattr(self, "_buffers_key", None) != key:
+            self._buffers_key = key
+            self._buffers_ok = (native.can_update_in_place(self.running_mean, x)
+                                and native.can_update_in_place(self.running_std, x))
+        return self._buffers_ok
 
     def _forward_kernel(self, x: torch.Tensor):
         """The same maths through PyTorch's BN kernel: r, d from the batch statistics (no

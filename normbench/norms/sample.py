@@ -203,15 +203,16 @@ class EvoNormS0Fn(torch.autograd.Function):
     @staticmethod
     def _forward_native(ctx, x, v, weight, bias, groups: int, eps: float):
         """Fused kernels, one call each way: group moments from per-channel moments (Chan et al.'s
-        parallel variance), then z; s is recomputed in backward rather than stored."""
-        z, mean, rstd = native.evo_forward_full(x, v, weight, bias, groups, eps)
-        ctx.save_for_backward(x, v, weight, mean, rstd)
+        parallel variance), then z; s = sigmoid(v x) is stored for backward (recomputing it twice
+        there cost more than reading it)."""
+        z, mean, rstd, s = native.evo_forward_full(x, v, weight, bias, groups, eps)
+        ctx.save_for_backward(x, v, weight, mean, rstd, s)
         return z
 
     @staticmethod
     def _backward_native(ctx, gz):
-        x, v, weight, mean, rstd = ctx.saved_tensors
-        gx, gv, gweight, gbias = native.evo_backward_full(gz, x, v, weight, ctx.groups, mean, rstd)
+        x, v, weight, mean, rstd, s = ctx.saved_tensors
+        gx, gv, gweight, gbias = native.evo_backward_full(gz, x, s, v, weight, ctx.groups, mean, rstd)
         return gx, gv, gweight, gbias, None, None
 
     @staticmethod

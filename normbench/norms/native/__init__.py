@@ -55,16 +55,16 @@ _SIGNATURES = {  # name: argument types (pointers, then B, C, S, nhwc, then poin
     "bc_affine": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
     "bc_grad_sums": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P],
     "bc_grad_out": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
-    "evo_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
-    "evo_grad_sums": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P],
-    "evo_grad_out": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P],
+    "evo_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P],
+    "evo_grad_sums": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P],
+    "evo_grad_out": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P],
     "frn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, ctypes.c_double, _P, _P],
     "frn_backward": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P],
-    "evo_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P],
-    "evo_backward_full": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _I, _P, _P, _P, _P, _P, _P],
-    "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, ctypes.c_double,
-                    ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_double],
-    "cbn_backward": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P],
+    "evo_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P],
+    "evo_backward_full": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _I, _P, _P, _P, _P, _P, _P],
+    "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int,
+                    ctypes.c_double, ctypes.c_int, _P, _P, _P],
+    "cbn_backward": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, ctypes.c_int, _P, _P, _P, _P],
 }
 
 
@@ -152,7 +152,7 @@ def _per_bc(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _per_c(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
     """t (C values) as a contiguous 1-d array of x's dtype (None stays None)."""
-    if t is None or (t.dtype == x.dtype and t.dim() == 1 and t.is_contiguous() and t.shape[0] == x.shape[1]):
+    if t is None or (t.dtype is x.dtype and t.is_contiguous() and t.numel() == x.shape[1]):
         return t  # the common case (a parameter): no copy, no extra op
     return t.detach().to(x.dtype).reshape(x.shape[1]).contiguous()
 
@@ -217,33 +217,35 @@ def grad_out(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, k1: torch.Tensor
     return gx
 
 
-def evo_forward(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """x sigmoid(v x) a + beta (v, beta per channel, a of shape (B, C)); x's layout."""
+def evo_forward(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, beta: torch.Tensor):
+    """(z, s): s = sigmoid(v x), z = x s a + beta (v, beta per channel, a of shape (B, C)); x's layout."""
     b, c, s, nhwc = _dims(x)
     v, a, beta = _per_c(v, x), _per_bc(a, x), _per_c(beta, x)
-    z = torch.empty_like(x)
-    _fn("evo_forward", x)(x.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(), beta.data_ptr(), z.data_ptr())
-    return z
+    z, sig = torch.empty_like(x), torch.empty_like(x)
+    _fn("evo_forward", x)(x.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(), beta.data_ptr(), z.data_ptr(),
+                          sig.data_ptr())
+    return z, sig
 
 
-def evo_grad_sums(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor):
-    """(sum g x s, sum g, sum g x^2 s (1 - s)) over (H, W) with s = sigmoid(v x), each (B, C)."""
+def evo_grad_sums(g: torch.Tensor, x: torch.Tensor, sig: torch.Tensor):
+    """(sum g x s, sum g, sum g x^2 s (1 - s)) over (H, W) with s = sigmoid(v x) as stored by
+    :func:`evo_forward`, each (B, C)."""
     b, c, s, nhwc = _dims(x)
-    g, v = _like(g, x), _per_c(v, x)
+    g, sig = _like(g, x), _like(sig, x)
     out = [x.new_empty(b, c) for _ in range(3)]
-    _fn("evo_grad_sums", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, v.data_ptr(), *(t.data_ptr() for t in out))
+    _fn("evo_grad_sums", x)(g.data_ptr(), x.data_ptr(), sig.data_ptr(), b, c, s, nhwc, *(t.data_ptr() for t in out))
     return tuple(out)
 
 
-def evo_grad_out(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, k1: torch.Tensor,
-                 k0: torch.Tensor) -> torch.Tensor:
-    """g a (s + v x s (1 - s)) + k1 x + k0 with s = sigmoid(v x); x's layout."""
+def evo_grad_out(g: torch.Tensor, x: torch.Tensor, sig: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 k1: torch.Tensor, k0: torch.Tensor) -> torch.Tensor:
+    """g a (s + v x s (1 - s)) + k1 x + k0 with s = sigmoid(v x) as stored; x's layout."""
     b, c, s, nhwc = _dims(x)
-    g = _like(g, x)
+    g, sig = _like(g, x), _like(sig, x)
     v, a, k1, k0 = _per_c(v, x), _per_bc(a, x), _per_bc(k1, x), _per_bc(k0, x)
     gx = torch.empty_like(x)
-    _fn("evo_grad_out", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(), k1.data_ptr(),
-                           k0.data_ptr(), gx.data_ptr())
+    _fn("evo_grad_out", x)(g.data_ptr(), x.data_ptr(), sig.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(),
+                           k1.data_ptr(), k0.data_ptr(), gx.data_ptr())
     return gx
 
 
@@ -275,25 +277,27 @@ def frn_backward(g: torch.Tensor, x: torch.Tensor, z: Optional[torch.Tensor], ta
 
 def evo_forward_full(x: torch.Tensor, v: Optional[torch.Tensor], gamma: torch.Tensor, beta: torch.Tensor,
                      groups: int, eps: float):
-    """EvoNorm-S0 forward in one call (v None: group-std scaling only): (z, mean_g, rstd_g), the
-    group statistics of shape (B, G)."""
+    """EvoNorm-S0 forward in one call (v None: group-std scaling only): (z, mean_g, rstd_g, s),
+    the group statistics of shape (B, G) and s = sigmoid(v x) for backward (None without v)."""
     b, c, s, nhwc = _dims(x)
     v, gamma, beta = _per_c(v, x), _per_c(gamma, x), _per_c(beta, x)
     z, mean_g, rstd_g = torch.empty_like(x), x.new_empty(b, groups), x.new_empty(b, groups)
+    sig = torch.empty_like(x) if v is not None else None
     _fn("evo_forward_full", x)(x.data_ptr(), b, c, s, nhwc, _ptr(v), gamma.data_ptr(), beta.data_ptr(), groups,
-                               float(eps), mean_g.data_ptr(), rstd_g.data_ptr(), z.data_ptr())
-    return z, mean_g, rstd_g
+                               float(eps), mean_g.data_ptr(), rstd_g.data_ptr(), z.data_ptr(), _ptr(sig))
+    return z, mean_g, rstd_g, sig
 
 
-def evo_backward_full(g: torch.Tensor, x: torch.Tensor, v: Optional[torch.Tensor], gamma: torch.Tensor, groups: int,
-                      mean_g: torch.Tensor, rstd_g: torch.Tensor):
-    """EvoNorm-S0 backward in one call: (dx, dv or None, dgamma, dbeta)."""
+def evo_backward_full(g: torch.Tensor, x: torch.Tensor, sig: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                      gamma: torch.Tensor, groups: int, mean_g: torch.Tensor, rstd_g: torch.Tensor):
+    """EvoNorm-S0 backward in one call (sig: the forward's s): (dx, dv or None, dgamma, dbeta)."""
     b, c, s, nhwc = _dims(x)
     g = _like(g, x)
+    sig = None if sig is None else _like(sig, x)
     v, gamma = _per_c(v, x), _per_c(gamma, x)
     gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     dv = x.new_empty(c) if v is not None else None
-    _fn("evo_backward_full", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, _ptr(v), gamma.data_ptr(), groups,
+    _fn("evo_backward_full", x)(g.data_ptr(), x.data_ptr(), _ptr(sig), b, c, s, nhwc, _ptr(v), gamma.data_ptr(), groups,
                                 mean_g.data_ptr(), rstd_g.data_ptr(), gx.data_ptr(), _ptr(dv), dgamma.data_ptr(),
                                 dbeta.data_ptr())
     return gx, dv, dgamma, dbeta
@@ -309,47 +313,52 @@ def chunk_starts(sizes: list[int]) -> torch.Tensor:
 
 def can_update_in_place(buffer: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a running-statistics buffer can be handed to the kernels to update in place."""
-    return buffer.dtype == x.dtype and buffer.is_contiguous() and buffer.dim() == 1
+    return buffer.dtype is x.dtype and buffer.is_contiguous() and buffer.numel() == x.shape[1]
 
 
 def cbn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, starts: torch.Tensor, eps: float,
-                renorm=None, update_momentum: Optional[float] = None):
+                renorm=None, update_momentum: Optional[float] = None, relu: bool = False,
+                counter: Optional[torch.Tensor] = None):
     """Chunked BatchNorm forward in one call; ``renorm`` = (running_mean, running_std, r_limit,
-    d_limit) for Batch Renorm. Returns y and, per chunk (K, C): mean, var, rstd, A (= the scale
-    applied), r and d (None without renorm). With ``update_momentum`` (Batch Renorm, one chunk,
-    buffers that pass :func:`can_update_in_place`) the running mean / std are also moved in place
-    towards this batch's mean / sqrt(var + eps) at that rate, after r and d used the old values."""
+    d_limit) for Batch Renorm. Returns (y, stats) with stats (6, K, C): per chunk mean, var, rstd,
+    A (the scale applied), r and d (r, d only with renorm). With ``update_momentum`` (Batch
+    Renorm, one chunk, buffers that pass :func:`can_update_in_place`, which the caller checks)
+    the running mean / std are also moved in place towards this batch's mean / sqrt(var + eps) at that rate, after r and d
+    used the old values, and ``counter`` (an int64 buffer) is incremented. ``relu``: the output is
+    max(y, 0) (a fused ReLU; hand the output to :func:`cbn_backward`)."""
     b, c, s, nhwc = _dims(x)
     k = starts.numel() - 1
     gamma, beta = _per_c(gamma, x), _per_c(beta, x)
-    y = torch.empty_like(x)
-    mean, var, rstd, a = (x.new_empty(k, c) for _ in range(4))
+    y, stats = torch.empty_like(x), x.new_empty(6, k, c)
+    upd = update_momentum is not None
     if renorm is not None:
         run_mean, run_std, r_lim, d_lim = renorm
-        run_mean, run_std, r_lim, d_lim = _per_c(run_mean, x), _per_c(run_std, x), float(r_lim), float(d_lim)
-        r, d = x.new_empty(k, c), x.new_empty(k, c)
+        if upd and not (k == 1 and run_mean.dtype is x.dtype and run_std.dtype is x.dtype):  # callers check
+            raise ValueError("in-place running statistics need Batch Renorm buffers of x's dtype and one chunk")
+        if not upd:
+            run_mean, run_std = _per_c(run_mean, x), _per_c(run_std, x)
+        r_lim = r_lim if r_lim.dtype == x.dtype else r_lim.to(x.dtype)
+        d_lim = d_lim if d_lim.dtype == x.dtype else d_lim.to(x.dtype)
+        ptrs = (run_mean.data_ptr(), run_std.data_ptr(), r_lim.data_ptr(), d_lim.data_ptr())
+    elif upd:
+        raise ValueError("in-place running statistics are Batch Renorm's (pass renorm)")
     else:
-        run_mean = run_std = r = d = None
-        r_lim = d_lim = 0.0
-    upd = update_momentum is not None
-    if upd and not (renorm is not None and k == 1 and can_update_in_place(renorm[0], x)
-                    and can_update_in_place(renorm[1], x)):
-        raise ValueError("in-place running-statistics update needs Batch Renorm buffers of x's dtype and one chunk")
+        ptrs = (None, None, None, None)
     _fn("cbn_forward", x)(x.data_ptr(), b, c, s, nhwc, gamma.data_ptr(), beta.data_ptr(), starts.data_ptr(), k,
-                          float(eps), _ptr(run_mean), _ptr(run_std), r_lim, d_lim, y.data_ptr(), mean.data_ptr(),
-                          var.data_ptr(), rstd.data_ptr(), a.data_ptr(), _ptr(r), _ptr(d),
-                          _ptr(renorm[0]) if upd else None, _ptr(renorm[1]) if upd else None,
-                          float(update_momentum) if upd else 0.0)
-    return y, mean, var, rstd, a, r, d
+                          float(eps), *ptrs, int(upd), float(update_momentum) if upd else 0.0, int(relu),
+                          _ptr(counter) if upd else None, y.data_ptr(), stats.data_ptr())
+    return y, stats
 
 
-def cbn_backward(g: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 a: torch.Tensor, r: Optional[torch.Tensor], d: Optional[torch.Tensor]):
-    """Chunked BatchNorm backward in one call (r, d constants): (dx, dgamma, dbeta)."""
+def cbn_backward(g: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, stats: torch.Tensor, renorm: bool,
+                 y: Optional[torch.Tensor] = None):
+    """Chunked BatchNorm backward in one call (r, d constants) from the forward's ``stats``:
+    (dx, dgamma, dbeta); ``y``: the forward's output when it had a fused ReLU (g is then masked
+    where y <= 0)."""
     b, c, s, nhwc = _dims(x)
     g = _like(g, x)
+    y = None if y is None else _like(y, x)
     gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     _fn("cbn_backward", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, starts.data_ptr(), starts.numel() - 1,
-                           mean.data_ptr(), rstd.data_ptr(), a.data_ptr(), _ptr(r), _ptr(d), gx.data_ptr(),
-                           dgamma.data_ptr(), dbeta.data_ptr())
+                           stats.data_ptr(), int(renorm), _ptr(y), gx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr())
     return gx, dgamma, dbeta

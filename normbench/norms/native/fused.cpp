@@ -14,13 +14,13 @@
 //   bc_affine    y = A[b,c] x + K[b,c], then max(y, tau[c]) when tau is given
 //   bc_grad_sums sg[b,c] = sum_s g', sgx[b,c] = sum_s g' x, sgraw[b,c] = sum_s g (optional)
 //   bc_grad_out  gx = A[b,c] g' + K1[b,c] x + K0[b,c]
-//   evo_forward  z = x sigmoid(v[c] x) A[b,c] + beta[c]
-//   evo_grad_sums sgq[b,c] = sum_s g x sigmoid(v x), sg[b,c] = sum_s g,
-//                sgv[b,c] = sum_s g x^2 s (1 - s)  with s = sigmoid(v x)
+//   evo_forward  s = sigmoid(v[c] x) (stored for backward), z = x s A[b,c] + beta[c]
+//   evo_grad_sums sgq[b,c] = sum_s g x s, sg[b,c] = sum_s g, sgv[b,c] = sum_s g x^2 s (1 - s)
 //   evo_grad_out gx = g A[b,c] (s + v x s (1 - s)) + K1[b,c] x + K0[b,c]
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -106,6 +106,24 @@ inline void nhwc_sums(int64_t b, int64_t C, int64_t S, Term term, double* o1, do
     }
 }
 
+// NHWC element-wise maps: f(b, o, c0, n) handles the n contiguous channels c0 .. c0 + n - 1 of
+// one row (element offset o) of sample b. With C a multiple of kLanes, n = kLanes (a compile-time
+// trip count: one vector, no remainder handling per row), else n = C. The bodies below take
+// restrict pointers to the row: gcc vectorizes selects (TLU clamps, masks) only that way.
+template <typename F>
+inline void nhwc_rows(int64_t B, int64_t C, int64_t S, F f) {
+    if (C % kLanes == 0) {
+#pragma omp parallel for if (B * C * S >= kParallelMin)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t s = 0; s < S; ++s)
+                for (int64_t c0 = 0; c0 < C; c0 += kLanes) f(b, (b * S + s) * C + c0, c0, std::integral_constant<int64_t, kLanes>());
+    } else {
+#pragma omp parallel for if (B * C * S >= kParallelMin)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t s = 0; s < S; ++s) f(b, (b * S + s) * C, int64_t(0), C);
+    }
+}
+
 template <typename T>
 void bc_moments(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, T* mean, T* var) {
     const double inv_n = 1.0 / static_cast<double>(S);
@@ -148,24 +166,23 @@ void bc_moments(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, T* mean,
 template <typename T>
 void bc_affine(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* A, const T* K, const T* tau, T* y) {
     if (nhwc) {
-#pragma omp parallel for if (B * C * S >= kParallelMin)
-        for (int64_t b = 0; b < B; ++b) {
-            const T* a = A + b * C;
-            const T* k = K + b * C;
-            for (int64_t s = 0; s < S; ++s) {
-                const int64_t o = (b * S + s) * C;
-                if (tau) {
+        nhwc_rows(B, C, S, [=](int64_t b, int64_t o, int64_t c0, auto n) {
+            const T* __restrict xr = x + o;
+            const T* __restrict ar = A + b * C + c0;
+            const T* __restrict kr = K + b * C + c0;
+            T* __restrict yr = y + o;
+            if (tau) {
+                const T* __restrict tr = tau + c0;
 #pragma omp simd
-                    for (int64_t c = 0; c < C; ++c) {
-                        T v = a[c] * x[o + c] + k[c];
-                        y[o + c] = v > tau[c] ? v : tau[c];
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t c = 0; c < C; ++c) y[o + c] = a[c] * x[o + c] + k[c];
+                for (int64_t l = 0; l < n; ++l) {
+                    const T v = ar[l] * xr[l] + kr[l];
+                    yr[l] = v > tr[l] ? v : tr[l];
                 }
+            } else {
+#pragma omp simd
+                for (int64_t l = 0; l < n; ++l) yr[l] = ar[l] * xr[l] + kr[l];
             }
-        }
+        });
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
@@ -195,13 +212,22 @@ void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
         for (int64_t b = 0; b < B; ++b) {
             std::vector<double> acc(3 * C);
             double *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
-            nhwc_sums<T>(b, C, S, [g, x, z, tau](int64_t i, int64_t c, T& t1, T& t2, T& t3) {
-                const T gv = g[i];
-                const T gm = (z == nullptr || z[i] > tau[c]) ? gv : T(0);
-                t1 += gm;
-                t2 += gm * x[i];
-                t3 += gv;
-            }, a1, a2, a3);
+            if (z)
+                nhwc_sums<T>(b, C, S, [g, x, z, tau](int64_t i, int64_t c, T& t1, T& t2, T& t3) {
+                    const T gv = g[i];
+                    const T gm = z[i] > tau[c] ? gv : T(0);
+                    t1 += gm;
+                    t2 += gm * x[i];
+                    t3 += gv;
+                }, a1, a2, a3);
+            else
+                nhwc_sums<T>(b, C, S, [g, x](int64_t i, int64_t, T& t1, T& t2, T&) {
+                    const T gv = g[i];
+                    t1 += gv;
+                    t2 += gv * x[i];
+                }, a1, a2, a3);
+            if (!z)
+                for (int64_t c = 0; c < C; ++c) a3[c] = a1[c];
             for (int64_t c = 0; c < C; ++c) {
                 sg[b * C + c] = static_cast<T>(a1[c]);
                 sgx[b * C + c] = static_cast<T>(a2[c]);
@@ -217,13 +243,23 @@ void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
             const T* zp = z ? z + bc * S : nullptr;
             const T t = tau ? tau[c] : T(0);
             double a1 = 0.0, a2 = 0.0, a3 = 0.0;
+            if (zp) {
 #pragma omp simd reduction(+ : a1, a2, a3)
-            for (int64_t s = 0; s < S; ++s) {
-                double gv = gp[s];
-                double gm = (zp == nullptr || zp[s] > t) ? gv : 0.0;
-                a1 += gm;
-                a2 += gm * static_cast<double>(xp[s]);
-                a3 += gv;
+                for (int64_t s = 0; s < S; ++s) {
+                    double gv = gp[s];
+                    double gm = zp[s] > t ? gv : 0.0;
+                    a1 += gm;
+                    a2 += gm * static_cast<double>(xp[s]);
+                    a3 += gv;
+                }
+            } else {
+#pragma omp simd reduction(+ : a1, a2)
+                for (int64_t s = 0; s < S; ++s) {
+                    double gv = gp[s];
+                    a1 += gv;
+                    a2 += gv * static_cast<double>(xp[s]);
+                }
+                a3 = a1;
             }
             sg[bc] = static_cast<T>(a1);
             sgx[bc] = static_cast<T>(a2);
@@ -236,18 +272,23 @@ template <typename T>
 void bc_grad_out(const T* g, const T* x, const T* z, const T* tau, int64_t B, int64_t C, int64_t S, bool nhwc,
                  const T* A, const T* K1, const T* K0, T* gx) {
     if (nhwc) {
-#pragma omp parallel for if (B * C * S >= kParallelMin)
-        for (int64_t b = 0; b < B; ++b) {
-            const T *a = A + b * C, *k1 = K1 + b * C, *k0 = K0 + b * C;
-            for (int64_t s = 0; s < S; ++s) {
-                const int64_t o = (b * S + s) * C;
+        nhwc_rows(B, C, S, [=](int64_t b, int64_t o, int64_t c0, auto n) {
+            const T* __restrict gr = g + o;
+            const T* __restrict xr = x + o;
+            const T* __restrict ar = A + b * C + c0;
+            const T* __restrict k1r = K1 + b * C + c0;
+            const T* __restrict k0r = K0 + b * C + c0;
+            T* __restrict out = gx + o;
+            if (z) {
+                const T* __restrict zr = z + o;
+                const T* __restrict tr = tau + c0;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    T gm = (z == nullptr || z[o + c] > tau[c]) ? g[o + c] : T(0);
-                    gx[o + c] = a[c] * gm + k1[c] * x[o + c] + k0[c];
-                }
+                for (int64_t l = 0; l < n; ++l) out[l] = ar[l] * (zr[l] > tr[l] ? gr[l] : T(0)) + k1r[l] * xr[l] + k0r[l];
+            } else {
+#pragma omp simd
+                for (int64_t l = 0; l < n; ++l) out[l] = ar[l] * gr[l] + k1r[l] * xr[l] + k0r[l];
             }
-        }
+        });
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
@@ -257,10 +298,12 @@ void bc_grad_out(const T* g, const T* x, const T* z, const T* tau, int64_t B, in
             const T* xp = x + bc * S;
             const T* zp = z ? z + bc * S : nullptr;
             T* out = gx + bc * S;
+            if (zp) {
 #pragma omp simd
-            for (int64_t s = 0; s < S; ++s) {
-                T gm = (zp == nullptr || zp[s] > t) ? gp[s] : T(0);
-                out[s] = a * gm + k1 * xp[s] + k0;
+                for (int64_t s = 0; s < S; ++s) out[s] = a * (zp[s] > t ? gp[s] : T(0)) + k1 * xp[s] + k0;
+            } else {
+#pragma omp simd
+                for (int64_t s = 0; s < S; ++s) out[s] = a * gp[s] + k1 * xp[s] + k0;
             }
         }
     }
@@ -268,20 +311,22 @@ void bc_grad_out(const T* g, const T* x, const T* z, const T* tau, int64_t B, in
 
 template <typename T>
 void evo_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v, const T* A, const T* beta,
-                 T* z) {
+                 T* z, T* sig) {
     if (nhwc) {
-#pragma omp parallel for if (B * C * S >= kParallelMin)
-        for (int64_t b = 0; b < B; ++b) {
-            const T* a = A + b * C;
-            for (int64_t s = 0; s < S; ++s) {
-                const int64_t o = (b * S + s) * C;
+        nhwc_rows(B, C, S, [=](int64_t b, int64_t o, int64_t c0, auto n) {
+            const T* __restrict xr = x + o;
+            const T* __restrict vr = v + c0;
+            const T* __restrict ar = A + b * C + c0;
+            const T* __restrict br = beta + c0;
+            T* __restrict zr = z + o;
+            T* __restrict sr = sig + o;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    T xv = x[o + c];
-                    z[o + c] = xv * sigmoid(v[c] * xv) * a[c] + beta[c];
-                }
+            for (int64_t l = 0; l < n; ++l) {
+                const T sv = sigmoid(vr[l] * xr[l]);
+                sr[l] = sv;
+                zr[l] = xr[l] * sv * ar[l] + br[l];
             }
-        }
+        });
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
@@ -289,27 +334,31 @@ void evo_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
             const T a = A[bc], vc = v[c], bt = beta[c];
             const T* p = x + bc * S;
             T* q = z + bc * S;
+            T* sp = sig + bc * S;
 #pragma omp simd
-            for (int64_t s = 0; s < S; ++s) q[s] = p[s] * sigmoid(vc * p[s]) * a + bt;
+            for (int64_t s = 0; s < S; ++s) {
+                const T sv = sigmoid(vc * p[s]);
+                sp[s] = sv;
+                q[s] = p[s] * sv * a + bt;
+            }
         }
     }
 }
 
 template <typename T>
-void evo_grad_sums(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v, T* sgq, T* sg,
+void evo_grad_sums(const T* g, const T* x, const T* sig, int64_t B, int64_t C, int64_t S, bool nhwc, T* sgq, T* sg,
                    T* sgv) {
     if (nhwc) {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t b = 0; b < B; ++b) {
             std::vector<double> acc(3 * C);
             double *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
-            nhwc_sums<T>(b, C, S, [g, x, v](int64_t i, int64_t c, T& t1, T& t2, T& t3) {
-                const T xv = x[i];
-                const T sv = sigmoid(v[c] * xv);
-                const T gv = g[i];
-                t1 += gv * xv * sv;
+            nhwc_sums<T>(b, C, S, [g, x, sig](int64_t i, int64_t, T& t1, T& t2, T& t3) {
+                const T xv = x[i], sv = sig[i], gv = g[i];
+                const T gq = gv * xv * sv;
+                t1 += gq;
                 t2 += gv;
-                t3 += gv * xv * xv * sv * (T(1) - sv);
+                t3 += gq * xv * (T(1) - sv);
             }, a1, a2, a3);
             for (int64_t c = 0; c < C; ++c) {
                 sgq[b * C + c] = static_cast<T>(a1[c]);
@@ -320,18 +369,17 @@ void evo_grad_sums(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
-            const T vc = v[bc % C];
             const T* gp = g + bc * S;
             const T* xp = x + bc * S;
+            const T* sp = sig + bc * S;
             double a1 = 0.0, a2 = 0.0, a3 = 0.0;
 #pragma omp simd reduction(+ : a1, a2, a3)
             for (int64_t s = 0; s < S; ++s) {
-                T xv = xp[s];
-                T sv = sigmoid(vc * xv);
-                T gv = gp[s];
-                a1 += static_cast<double>(gv * xv * sv);
+                const T xv = xp[s], sv = sp[s], gv = gp[s];
+                const T gq = gv * xv * sv;
+                a1 += static_cast<double>(gq);
                 a2 += static_cast<double>(gv);
-                a3 += static_cast<double>(gv * xv * xv * sv * (T(1) - sv));
+                a3 += static_cast<double>(gq * xv * (T(1) - sv));
             }
             sgq[bc] = static_cast<T>(a1);
             sg[bc] = static_cast<T>(a2);
@@ -341,33 +389,35 @@ void evo_grad_sums(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool
 }
 
 template <typename T>
-void evo_grad_out(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v, const T* A,
-                  const T* K1, const T* K0, T* gx) {
+void evo_grad_out(const T* g, const T* x, const T* sig, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v,
+                  const T* A, const T* K1, const T* K0, T* gx) {
     if (nhwc) {
-#pragma omp parallel for if (B * C * S >= kParallelMin)
-        for (int64_t b = 0; b < B; ++b) {
-            const T *a = A + b * C, *k1 = K1 + b * C, *k0 = K0 + b * C;
-            for (int64_t s = 0; s < S; ++s) {
-                const int64_t o = (b * S + s) * C;
+        nhwc_rows(B, C, S, [=](int64_t b, int64_t o, int64_t c0, auto n) {
+            const T* __restrict gr = g + o;
+            const T* __restrict xr = x + o;
+            const T* __restrict sr = sig + o;
+            const T* __restrict vr = v + c0;
+            const T* __restrict ar = A + b * C + c0;
+            const T* __restrict k1r = K1 + b * C + c0;
+            const T* __restrict k0r = K0 + b * C + c0;
+            T* __restrict out = gx + o;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    T xv = x[o + c];
-                    T sv = sigmoid(v[c] * xv);
-                    gx[o + c] = g[o + c] * a[c] * (sv + v[c] * xv * sv * (T(1) - sv)) + k1[c] * xv + k0[c];
-                }
+            for (int64_t l = 0; l < n; ++l) {
+                const T xv = xr[l], sv = sr[l];
+                out[l] = gr[l] * ar[l] * (sv + vr[l] * xv * sv * (T(1) - sv)) + k1r[l] * xv + k0r[l];
             }
-        }
+        });
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
             const T vc = v[bc % C], a = A[bc], k1 = K1[bc], k0 = K0[bc];
             const T* gp = g + bc * S;
             const T* xp = x + bc * S;
+            const T* sp = sig + bc * S;
             T* out = gx + bc * S;
 #pragma omp simd
             for (int64_t s = 0; s < S; ++s) {
-                T xv = xp[s];
-                T sv = sigmoid(vc * xv);
+                const T xv = xp[s], sv = sp[s];
                 out[s] = gp[s] * a * (sv + vc * xv * sv * (T(1) - sv)) + k1 * xv + k0;
             }
         }
@@ -426,7 +476,7 @@ void frn_backward(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
 // z = x sigmoid(v x) A + beta, or z = x A + beta without v (the no-activation variant).
 template <typename T>
 void evo_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v, const T* gamma,
-                      const T* beta, int64_t G, double eps, T* mean_g, T* rstd_g, T* z) {
+                      const T* beta, int64_t G, double eps, T* mean_g, T* rstd_g, T* z, T* sig) {
     const int64_t per = C / G;
     std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
     bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
@@ -449,7 +499,7 @@ void evo_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, co
         }
     }
     if (v)
-        evo_forward<T>(x, B, C, S, nhwc, v, a.data(), beta, z);
+        evo_forward<T>(x, B, C, S, nhwc, v, a.data(), beta, z, sig);
     else
         bc_affine<T>(x, B, C, S, nhwc, a.data(), k.data(), nullptr, z);
 }
@@ -458,13 +508,13 @@ void evo_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, co
 // sgq[b,c] and kk = -grstd rstd^3 / (per S): dx = g A dq/dx + kk (x - mu_g); dgamma = sum sgq rstd;
 // dbeta = sum g; dv = sum A sum_s g x^2 s (1 - s).
 template <typename T>
-void evo_backward_full(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v,
+void evo_backward_full(const T* g, const T* x, const T* sig, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v,
                        const T* gamma, int64_t G, const T* mean_g, const T* rstd_g, T* gx, T* dv, T* dgamma,
                        T* dbeta) {
     const int64_t per = C / G;
     std::vector<T> sgq(B * C), sg(B * C), sgv(B * C), a(B * C), k1(B * C), k0(B * C);
     if (v)
-        evo_grad_sums<T>(g, x, B, C, S, nhwc, v, sgq.data(), sg.data(), sgv.data());
+        evo_grad_sums<T>(g, x, sig, B, C, S, nhwc, sgq.data(), sg.data(), sgv.data());
     else
         bc_grad_sums<T>(g, x, nullptr, nullptr, B, C, S, nhwc, sg.data(), sgq.data(), nullptr);
     std::vector<double> dvv(C, 0.0), dgg(C, 0.0), dbb(C, 0.0);
@@ -491,24 +541,30 @@ void evo_backward_full(const T* g, const T* x, int64_t B, int64_t C, int64_t S, 
         if (v && dv) dv[c] = static_cast<T>(dvv[c]);
     }
     if (v)
-        evo_grad_out<T>(g, x, B, C, S, nhwc, v, a.data(), k1.data(), k0.data(), gx);
+        evo_grad_out<T>(g, x, sig, B, C, S, nhwc, v, a.data(), k1.data(), k0.data(), gx);
     else
         bc_grad_out<T>(g, x, nullptr, nullptr, B, C, S, nhwc, a.data(), k1.data(), k0.data(), gx);
 }
 
 // Chunked BatchNorm (Ghost BN; Batch Renorm with one chunk) in one call each way. Chunk j holds
 // samples [start[j], start[j+1]). Per chunk and channel: mu, var (biased) from per-(b, c) moments
-// (parallel variance), rstd = 1 / sqrt(var + eps); Batch Renorm (run_std given):
-// r = clip(sqrt(var + eps) / run_std, 1/r_lim, r_lim), d = clip((mu - run_mean) / run_std, -d_lim,
-// d_lim), A = gamma r rstd, K = beta + gamma (d - r rstd mu); else A = gamma rstd, K = beta - A mu.
-// y = A x + K; outputs per chunk (K x C): mu, var, rstd, A, r, d (r, d only for Batch Renorm).
-// upd_mean / upd_std (Batch Renorm, one chunk, optional): moving mean / std updated in place at
-// rate momentum towards mu and sqrt(var + eps).
+// (parallel variance), rstd = 1 / sqrt(var + eps); Batch Renorm (run_std given, limits r_lim,
+// d_lim): r = clip(sqrt(var + eps) / run_std, 1/r_lim, r_lim), d = clip((mu - run_mean) / run_std,
+// -d_lim, d_lim), A = gamma r rstd, K = beta + gamma (d - r rstd mu); else A = gamma rstd,
+// K = beta - A mu. y = A x + K, or max(A x + K, 0) with ``relu`` (a fused ReLU).
+// stats (6 x K x C, written): mu, var, rstd, A, r, d (r, d only for Batch Renorm).
+// ``update`` (Batch Renorm, one chunk): the moving mean / std (run_mean / run_std) move in place
+// at rate momentum towards mu and sqrt(var + eps), after r and d used the old values; ``counter``
+// (optional): an int64 step counter incremented once.
 template <typename T>
 void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* gamma, const T* beta,
-                 const int64_t* start, int64_t K, double eps, const T* run_mean, const T* run_std, double r_lim,
-                 double d_lim, T* y, T* mu, T* var, T* rstd, T* A, T* r, T* d, T* upd_mean, T* upd_std,
-                 double momentum) {
+                 const int64_t* start, int64_t K, double eps, T* run_mean, T* run_std, const T* r_lim_p,
+                 const T* d_lim_p, bool update, double momentum, bool relu, int64_t* counter, T* y, T* stats) {
+    const int64_t KC = K * C;
+    T *mu = stats, *var = stats + KC, *rstd = stats + 2 * KC, *A = stats + 3 * KC, *r = stats + 4 * KC,
+      *d = stats + 5 * KC;
+    const double r_lim = r_lim_p ? static_cast<double>(*r_lim_p) : 1.0;
+    const double d_lim = d_lim_p ? static_cast<double>(*d_lim_p) : 0.0;
     std::vector<T> m(B * C), q(B * C), ab(B * C), kb(B * C);
     bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
     for (int64_t j = 0; j < K; ++j) {
@@ -524,6 +580,7 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
             }
             vv /= n;
             const double rs = 1.0 / std::sqrt(vv + eps);
+            const int64_t i = j * C + c;
             double a, kk;
             if (run_std) {
                 double rr = std::sqrt(vv + eps) / run_std[c];
@@ -532,17 +589,16 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
                 dd = dd < -d_lim ? -d_lim : (dd > d_lim ? d_lim : dd);
                 a = gamma[c] * rr * rs;
                 kk = beta[c] + gamma[c] * (dd - rr * rs * mm);
-                r[j * C + c] = static_cast<T>(rr);
-                d[j * C + c] = static_cast<T>(dd);
-                if (upd_mean) {  // Batch Renorm's moving averages, after r and d used the old ones
-                    upd_mean[c] += static_cast<T>(momentum * (mm - upd_mean[c]));
-                    upd_std[c] += static_cast<T>(momentum * (std::sqrt(vv + eps) - upd_std[c]));
+                r[i] = static_cast<T>(rr);
+                d[i] = static_cast<T>(dd);
+                if (update) {
+                    run_mean[c] += static_cast<T>(momentum * (mm - run_mean[c]));
+                    run_std[c] += static_cast<T>(momentum * (std::sqrt(vv + eps) - run_std[c]));
                 }
             } else {
                 a = gamma[c] * rs;
                 kk = beta[c] - a * mm;
             }
-            const int64_t i = j * C + c;
             mu[i] = static_cast<T>(mm);
             var[i] = static_cast<T>(vv);
             rstd[i] = static_cast<T>(rs);
@@ -553,17 +609,22 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
             }
         }
     }
-    bc_affine<T>(x, B, C, S, nhwc, ab.data(), kb.data(), nullptr, y);
+    if (counter) *counter += 1;
+    std::vector<T> floor(relu ? C : 0, T(0));
+    bc_affine<T>(x, B, C, S, nhwc, ab.data(), kb.data(), relu ? floor.data() : nullptr, y);
 }
 
-// Backward (r, d constants): per chunk and channel with N = n_j S, sg = sum g, sgxh = sum g x_hat:
-// dx = A (g - sg / N - x_hat sgxh / N); dgamma = sum (r sgxh + d sg) (r = 1, d = 0 for Ghost BN);
-// dbeta = sum sg.
+// Backward (r, d constants): per chunk and channel with N = n_j S, sg = sum g', sgxh = sum g' x_hat
+// (g' = g, or g where y > 0 after a fused ReLU: pass y): dx = A (g' - sg / N - x_hat sgxh / N);
+// dgamma = sum (r sgxh + d sg) (r = 1, d = 0 without renorm); dbeta = sum sg.
 template <typename T>
 void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const int64_t* start, int64_t K,
-                  const T* mu, const T* rstd, const T* A, const T* r, const T* d, T* gx, T* dgamma, T* dbeta) {
-    std::vector<T> sgb(B * C), sgxb(B * C), ab(B * C), k1(B * C), k0(B * C);
-    bc_grad_sums<T>(g, x, nullptr, nullptr, B, C, S, nhwc, sgb.data(), sgxb.data(), nullptr);
+                  const T* stats, bool renorm, const T* y, T* gx, T* dgamma, T* dbeta) {
+    const int64_t KC = K * C;
+    const T *mu = stats, *rstd = stats + 2 * KC, *A = stats + 3 * KC, *r = stats + 4 * KC, *d = stats + 5 * KC;
+    std::vector<T> sgb(B * C), sgxb(B * C), ab(B * C), k1(B * C), k0(B * C), floor(y ? C : 0, T(0));
+    const T* fl = y ? floor.data() : nullptr;
+    bc_grad_sums<T>(g, x, y, fl, B, C, S, nhwc, sgb.data(), sgxb.data(), nullptr);
     std::vector<double> dg(C, 0.0), db(C, 0.0);
     for (int64_t j = 0; j < K; ++j) {
         const int64_t b0 = start[j], b1 = start[j + 1];
@@ -585,7 +646,7 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
                 k1[b * C + c] = static_cast<T>(kk1);
                 k0[b * C + c] = static_cast<T>(kk0);
             }
-            dg[c] += r ? r[i] * sgxh + d[i] * sg : sgxh;
+            dg[c] += renorm ? r[i] * sgxh + d[i] * sg : sgxh;
             db[c] += sg;
         }
     }
@@ -593,7 +654,7 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
         dgamma[c] = static_cast<T>(dg[c]);
         dbeta[c] = static_cast<T>(db[c]);
     }
-    bc_grad_out<T>(g, x, nullptr, nullptr, B, C, S, nhwc, ab.data(), k1.data(), k0.data(), gx);
+    bc_grad_out<T>(g, x, y, fl, B, C, S, nhwc, ab.data(), k1.data(), k0.data(), gx);
 }
 
 }  // namespace
@@ -615,16 +676,16 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
         bc_grad_out<T>(g, x, z, tau, B, C, S, nhwc != 0, A, K1, K0, gx);                                         \
     }                                                                                                            \
     extern "C" void evo_forward_##SUFFIX(const T* x, int64_t B, int64_t C, int64_t S, int nhwc, const T* v,       \
-                                         const T* A, const T* beta, T* z) {                                      \
-        evo_forward<T>(x, B, C, S, nhwc != 0, v, A, beta, z);                                                    \
+                                         const T* A, const T* beta, T* z, T* sig) {                              \
+        evo_forward<T>(x, B, C, S, nhwc != 0, v, A, beta, z, sig);                                               \
     }                                                                                                            \
-    extern "C" void evo_grad_sums_##SUFFIX(const T* g, const T* x, int64_t B, int64_t C, int64_t S, int nhwc,     \
-                                           const T* v, T* sgq, T* sg, T* sgv) {                                  \
-        evo_grad_sums<T>(g, x, B, C, S, nhwc != 0, v, sgq, sg, sgv);                                             \
+    extern "C" void evo_grad_sums_##SUFFIX(const T* g, const T* x, const T* sig, int64_t B, int64_t C, int64_t S, \
+                                           int nhwc, T* sgq, T* sg, T* sgv) {                                    \
+        evo_grad_sums<T>(g, x, sig, B, C, S, nhwc != 0, sgq, sg, sgv);                                           \
     }                                                                                                            \
-    extern "C" void evo_grad_out_##SUFFIX(const T* g, const T* x, int64_t B, int64_t C, int64_t S, int nhwc,      \
-                                          const T* v, const T* A, const T* K1, const T* K0, T* gx) {             \
-        evo_grad_out<T>(g, x, B, C, S, nhwc != 0, v, A, K1, K0, gx);                                             \
+    extern "C" void evo_grad_out_##SUFFIX(const T* g, const T* x, const T* sig, int64_t B, int64_t C, int64_t S,  \
+                                          int nhwc, const T* v, const T* A, const T* K1, const T* K0, T* gx) {   \
+        evo_grad_out<T>(g, x, sig, B, C, S, nhwc != 0, v, A, K1, K0, gx);                                        \
     }
 
 #define NB_EXPORT_FRN(T, SUFFIX)                                                                                 \
@@ -641,26 +702,26 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
 #define NB_EXPORT_FULL(T, SUFFIX)                                                                                \
     extern "C" void evo_forward_full_##SUFFIX(const T* x, int64_t B, int64_t C, int64_t S, int nhwc, const T* v,  \
                                               const T* gamma, const T* beta, int64_t G, double eps, T* mean_g,   \
-                                              T* rstd_g, T* z) {                                                 \
-        evo_forward_full<T>(x, B, C, S, nhwc != 0, v, gamma, beta, G, eps, mean_g, rstd_g, z);                   \
+                                              T* rstd_g, T* z, T* sig) {                                         \
+        evo_forward_full<T>(x, B, C, S, nhwc != 0, v, gamma, beta, G, eps, mean_g, rstd_g, z, sig);              \
     }                                                                                                            \
-    extern "C" void evo_backward_full_##SUFFIX(const T* g, const T* x, int64_t B, int64_t C, int64_t S, int nhwc, \
-                                               const T* v, const T* gamma, int64_t G, const T* mean_g,            \
-                                               const T* rstd_g, T* gx, T* dv, T* dgamma, T* dbeta) {             \
-        evo_backward_full<T>(g, x, B, C, S, nhwc != 0, v, gamma, G, mean_g, rstd_g, gx, dv, dgamma, dbeta);      \
+    extern "C" void evo_backward_full_##SUFFIX(const T* g, const T* x, const T* sig, int64_t B, int64_t C,        \
+                                               int64_t S, int nhwc, const T* v, const T* gamma, int64_t G,        \
+                                               const T* mean_g, const T* rstd_g, T* gx, T* dv, T* dgamma,         \
+                                               T* dbeta) {                                                       \
+        evo_backward_full<T>(g, x, sig, B, C, S, nhwc != 0, v, gamma, G, mean_g, rstd_g, gx, dv, dgamma, dbeta); \
     }                                                                                                            \
     extern "C" void cbn_forward_##SUFFIX(const T* x, int64_t B, int64_t C, int64_t S, int nhwc, const T* gamma,   \
-                                         const T* beta, const int64_t* start, int64_t K, double eps,             \
-                                         const T* run_mean, const T* run_std, double r_lim, double d_lim, T* y,  \
-                                         T* mu, T* var, T* rstd, T* A, T* r, T* d, T* upd_mean, T* upd_std,      \
-                                         double momentum) {                                                      \
-        cbn_forward<T>(x, B, C, S, nhwc != 0, gamma, beta, start, K, eps, run_mean, run_std, r_lim, d_lim, y, mu, \
-                       var, rstd, A, r, d, upd_mean, upd_std, momentum);                                         \
+                                         const T* beta, const int64_t* start, int64_t K, double eps, T* run_mean, \
+                                         T* run_std, const T* r_lim, const T* d_lim, int update, double momentum, \
+                                         int relu, int64_t* counter, T* y, T* stats) {                           \
+        cbn_forward<T>(x, B, C, S, nhwc != 0, gamma, beta, start, K, eps, run_mean, run_std, r_lim, d_lim,       \
+                       update != 0, momentum, relu != 0, counter, y, stats);                                     \
     }                                                                                                            \
     extern "C" void cbn_backward_##SUFFIX(const T* g, const T* x, int64_t B, int64_t C, int64_t S, int nhwc,      \
-                                          const int64_t* start, int64_t K, const T* mu, const T* rstd,           \
-                                          const T* A, const T* r, const T* d, T* gx, T* dgamma, T* dbeta) {      \
-        cbn_backward<T>(g, x, B, C, S, nhwc != 0, start, K, mu, rstd, A, r, d, gx, dgamma, dbeta);               \
+                                          const int64_t* start, int64_t K, const T* stats, int renorm,           \
+                                          const T* y, T* gx, T* dgamma, T* dbeta) {                              \
+        cbn_backward<T>(g, x, B, C, S, nhwc != 0, start, K, stats, renorm != 0, y, gx, dgamma, dbeta);           \
     }
 
 NB_EXPORT_FULL(float, f32)
