@@ -93,8 +93,9 @@ AUTO_COMPILE_MIN_STEPS = 2000
 
 def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Optional[str]:
     """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
-    was measured to pay (NormScheme.compile_max_batch: FRN and EvoNorm-S0 at every batch, GN at
-    batch 2; BN, Ghost BN, Batch Renorm and GN at larger batches were not faster compiled) and
+    was measured to pay (NormScheme.compile_max_batch: FRN up to batch 32, GN up to batch 8;
+    BN, Ghost BN, Batch Renorm, EvoNorm-S0 (with the fused kernels), FRN at 128 and GN from
+    batch 32 were not faster compiled) and
     only for runs long enough to amortise the compile time, and only when a C compiler is present."""
     import shutil
 

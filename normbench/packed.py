@@ -94,8 +94,11 @@ def _pack_leaf(mods: list[nn.Module], name: str) -> nn.Module:
         if first.bias is not None:
             conv.bias = _cat_param([m.bias for m in mods])
         return conv
-    if isinstance(first, nn.GroupNorm):
-        gn = nn.GroupNorm(first.num_groups * k, first.num_channels * k, first.eps, first.affine)
+    if isinstance(first, nn.GroupNorm):  # (normbench's GroupNorm keeps its fused ReLU)
+        from normbench.norms.sample import GroupNorm
+
+        gn = GroupNorm(first.num_groups * k, first.num_channels * k, first.eps, first.affine,
+                       relu=getattr(first, "relu", False))
         if first.affine:
             gn.weight, gn.bias = _cat_param([m.weight for m in mods]), _cat_param([m.bias for m in mods])
         return gn

@@ -25,8 +25,8 @@ from normbench.models import ARCH_OVERRIDES, build_model
 from normbench.norms import available_norms, eps_of, functional, get_scheme, native
 from normbench.norms.batch import (BatchNorm2d, BatchRenorm2d, ChunkedBatchNormFn, GhostBatchNorm2d, _Chunks,
                                    ghost_chunk_sizes)
-from normbench.norms.sample import (EvoNormS0, EvoNormS0Fn, FilterResponseNorm2d, FRNFn, GroupNorm, InstanceNorm2d,
-                                    LayerNorm2d, TLU, TLUFn)
+from normbench.norms.sample import (EvoNormS0, EvoNormS0Fn, FilterResponseNorm2d, FRNFn, GroupNorm, GroupNormFn,
+                                    InstanceNorm2d, LayerNorm2d, TLU, TLUFn)
 from normbench.norms.weight import (NF_RELU_GAIN, ScaledReLU, ScaledWSConv2d, WSConv2d, scaled_standardize_weight,
                                     standardize_weight)
 
@@ -490,6 +490,40 @@ def test_gn_ln_in_against_formulas_and_each_other():
     ref_in.train()
     torch.testing.assert_close(gnc(xf), inn(xf))
     torch.testing.assert_close(inn(xf), ref_in(xf), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_groupnorm_layers_match_pytorch_in_every_path(kernels, cl, relu):
+    """normbench's GroupNorm / LayerNorm2d / InstanceNorm2d (fused kernels where they apply, with
+    the following ReLU fused in) against nn.GroupNorm (+ F.relu): outputs and every gradient."""
+    for groups in (1, 4, 8):
+        ours, ref = GroupNorm(groups, 8, relu=relu), nn.GroupNorm(groups, 8)
+        with torch.no_grad():
+            for m in (ours, ref):
+                m.weight.copy_(torch.linspace(0.5, 2, 8)), m.bias.copy_(torch.linspace(-1, 1, 8))
+        x = rand(3, 8, 5, 4, cl=cl).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = ours(x), ref(x2)
+        if relu:
+            y2 = F.relu(y2)
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+        g = rand(3, 8, 5, 4, seed=2, cl=cl)
+        y.backward(g), y2.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        for a, b in [(ours.weight, ref.weight), (ours.bias, ref.bias)]:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    assert LayerNorm2d(8, relu=True).num_groups == 1 and InstanceNorm2d(8).num_groups == 8
+
+
+def test_groupnorm_fn_gradcheck():
+    if native.library() is None:
+        pytest.skip("fused kernels unavailable")
+    x = rand(3, 6, 3, 2, dtype=D64).requires_grad_()
+    w, b = affine_params(6)
+    for groups in (1, 3, 6):
+        for relu in (False, True):
+            assert gradcheck(lambda x, w, b: GroupNormFn.apply(x, w, b, groups, 1e-3, relu), (x, w, b))
 
 
 def test_group_count_not_dividing_a_layer_names_it():

@@ -73,7 +73,7 @@ class NormScheme:
     paper: str = ""
     default_eps: float = 1e-5
     compile_max_batch: int = 0  # train.compile=auto compiles the model on CPU up to this batch size
-    prefers_channels_last: bool = True  # CPU speed: channels_last helps convs + BN, slows GN kernels
+    prefers_channels_last: bool = True  # CPU speed: channels_last helps the convs (measured below)
 
 
 _REGISTRY: dict[str, NormScheme] = {}
@@ -105,13 +105,14 @@ def _relu_if(apply_act: bool) -> Optional[nn.Module]:
 # ----------------------------------------------------------------------------- schemes
 from normbench.norms import batch, sample, weight  # noqa: E402  (the layers import the helpers above)
 
-# prefers_channels_last: from `scripts/bench_norms.py --model --model-only` (ResNet-20 width 1,
-# forward + backward on CPU, 1 thread, both memory formats interleaved, best of 3; ms per step
-# NCHW / channels_last at batch 2 and 128): ghost_bn 13.2/12.0, 516/524; brn 16.4/16.4, 456/478;
-# frn 17.0/16.1, 458/432; evonorm_s0 18.7/15.9, 555/490; ws_gn 16.3/16.4, 436/446;
-# nf 18.2/16.8, 451/378. The faster convolutions in channels_last outweigh the custom layers'
-# generic (non-NCHW) path for frn, evonorm_s0 and nf; ghost_bn is BatchNorm's kernel at
-# batch <= ghost size (channels_last wins) and even at 128.
+# prefers_channels_last (True for every scheme): from `scripts/bench_norms.py --model --model-only
+# --schemes ...` with the fused kernels (session 4; ResNet-20 width 1, forward + backward on CPU,
+# 1 thread, both memory formats interleaved, best of 3; ms per step NCHW / channels_last at batch
+# 2 and 128): bn 11.3/10.1, 442/352; gn 11.5/10.6, 441/370; ln 11.5/10.3, 429/357; in 11.6/10.9,
+# 401/341; ws_gn 16.9/15.1, 395/341; brn 11.8/10.8, 434/356; ghost_bn 11.2/10.0, 383/349;
+# frn 11.9/10.9, 419/359; evonorm_s0 11.4/10.4, 407/343; nf 16.3/15.1, 395/344. (Before the
+# kernels, PyTorch's GroupNorm kernel was ~10x slower on channels_last, so gn/ln/in/ws_gn/brn
+# ran NCHW; the kernels have no such penalty and the convolutions are faster in channels_last.)
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
@@ -131,43 +132,48 @@ register(NormScheme(
                             cfg.brn_r_max_epochs, cfg.brn_d_max_epochs, layer, relu=act),
         None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(B, H, W) per channel, corrected by r, d towards the moving statistics",
-    paper="Ioffe 2017", prefers_channels_last=False))
+    paper="Ioffe 2017"))
 register(NormScheme(
     "gn",
-    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
-    normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018", prefers_channels_last=False,
-    compile_max_batch=2))  # measured: compiled 192 vs 152 img/s at batch 2, slower from batch 8 on
+    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
+                                       None),  # the ReLU is fused into the layer
+    normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018",
+    # measured with the fused kernels, channels_last (bench_throughput --compare-compile, session 4):
+    # compiled / eager img/s 194/167 at batch 2, 442/370 at 8, 507/599 at 32, 565/699 at 128
+    compile_max_batch=8))
 register(NormScheme(
     "ln",
-    lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg)), _relu_if(act)),
-    normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016", prefers_channels_last=False))
+    lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg), relu=act), None),
+    normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016"))
 register(NormScheme(
     "in",
-    lambda cfg, c, act, layer: NormAct(sample.InstanceNorm2d(c, eps_of(cfg)), _relu_if(act)),
-    normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016",
-    prefers_channels_last=False))
+    lambda cfg, c, act, layer: NormAct(sample.InstanceNorm2d(c, eps_of(cfg), relu=act), None),
+    normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016"))
 register(NormScheme(
     "ws_gn",
-    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg)), _relu_if(act)),
+    lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
+                                       None),  # the ReLU is fused into the layer
     conv=weight.standardized_conv,
     normalizes="(C/G, H, W) per sample and group; conv weights per output filter over (C_in, kh, kw)",
-    paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)", prefers_channels_last=False))
+    paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)"))
 register(NormScheme(
     "frn",
     # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm
     lambda cfg, c, act, layer: NormAct(sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act), None),
     post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
-    default_eps=1e-6, compile_max_batch=1 << 30))  # measured: compiled 1.5x at batch 2, 1.1x at 128
+    # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
+    # compiled / eager img/s 173/158 at batch 2, 401/321 at 8, 639/563 at 32, 573/595 at 128
+    default_eps=1e-6, compile_max_batch=32))
 register(NormScheme(
     "evonorm_s0",
     lambda cfg, c, act, layer: NormAct(sample.EvoNormS0(c, resolve_groups(cfg, c, layer), eps_of(cfg), act), None),
     normalizes="(C/G, H, W) per sample and group (std only), with its own sigmoid gate",
     paper="Liu, Brock, Simonyan & Le 2020",
-    # measured (bench_throughput --compare-compile, 2 threads): compiled / eager img/s 160/100 at
-    # batch 2, 363/272 at 8, 512/446 at 32, 541/462 at 128. ghost_bn and brn were measured too and
-    # stay eager (0.78-1.08x: no consistent gain).
-    compile_max_batch=1 << 30))
+    # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
+    # compiled / eager img/s 190/179 at batch 2, 357/359 at 8, 481/534 at 32, 544/642 at 128, so
+    # eager (before the kernels compile won 1.15-1.6x). ghost_bn and brn stay eager too.
+    compile_max_batch=0))
 register(NormScheme(
     "none",
     lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),

@@ -1,7 +1,9 @@
 """Per-sample normalizers: statistics never look across the batch.
 
-GroupNorm, LayerNorm and InstanceNorm are PyTorch's GroupNorm kernel. FRN + TLU, TLU and
-EvoNorm-S0 are custom autograd Functions with hand-written backward passes (each checked by
+GroupNorm, LayerNorm and InstanceNorm (one class, GroupNorm, with 1 or C groups) run in the
+fused CPU kernels of normbench.norms.native where they apply (with the ReLU that follows
+fused in), PyTorch's GroupNorm kernel elsewhere. FRN + TLU, TLU and EvoNorm-S0 are custom
+autograd Functions with hand-written backward passes (each checked by
 ``torch.autograd.gradcheck`` in tests/test_norms.py), built on the fused primitives of
 normbench.norms.functional: autograd through their naive expressions is 3.5-13x slower than
 GroupNorm + ReLU on CPU (see scripts/bench_norms.py --naive).
@@ -9,6 +11,7 @@ GroupNorm + ReLU on CPU (see scripts/bench_norms.py --naive).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normbench.norms import native
@@ -18,28 +21,66 @@ FRN_EPS_FLOOR = 1e-6  # learned eps = 1e-6 + |eps_l| (Singh & Krishnan 2019, Sec
 FRN_EPS_L_INIT = 1e-4
 
 
+class GroupNormFn(torch.autograd.Function):
+    """GroupNorm (+ a fused ReLU) through the fused kernels (normbench.norms.native); see
+    :class:`GroupNorm`. Backward per sample and group, N = C/G H W, g' = g (or g where y > 0):
+    dx = rstd (gamma g' - mean_group(gamma g') - x_hat mean_group(gamma g' x_hat)),
+    dgamma = sum g' x_hat, dbeta = sum g'."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float, relu: bool):
+        y, mean, rstd = native.gn_forward_full(x, weight, bias, groups, eps, relu)
+        ctx.save_for_backward(x, weight, mean, rstd, y if relu else None)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mean, rstd, y = ctx.saved_tensors
+        gx, gweight, gbias = native.gn_backward_full(gy, x, y, weight, ctx.groups, mean, rstd)
+        return gx, gweight if ctx.needs_input_grad[1] else None, gbias if ctx.needs_input_grad[2] else None, \
+            None, None, None
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm (Wu & He 2018, Eq. 1-3 with S_i = the C/G channels of i's group).
 
     mu, sigma^2 over (C/G, H, W) of each sample and group; x_hat = (x - mu) / sqrt(sigma^2 +
-    eps); y = gamma * x_hat + beta with per-channel gamma, beta. PyTorch's kernel.
+    eps); y = gamma * x_hat + beta with per-channel gamma, beta. ``relu=True``: the ReLU that
+    follows, applied by the layer. On CPU (float32/64, NCHW or channels_last) the fused kernels
+    compute it, ReLU included (:class:`GroupNormFn`); elsewhere PyTorch's kernel, then the ReLU.
     """
 
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 relu: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+        self.relu = relu
+        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
 
-class LayerNorm2d(nn.GroupNorm):
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.applies(x):
+            return GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.relu)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.relu(y, inplace=True) if self.relu else y
+
+
+class LayerNorm2d(GroupNorm):
     """LayerNorm for conv maps (Ba et al. 2016): statistics over (C, H, W) of each sample,
     per-channel affine. Exactly GroupNorm with one group (Wu & He 2018, Sec. 3.1)."""
 
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__(1, channels, eps=eps)
+    def __init__(self, channels: int, eps: float = 1e-5, relu: bool = False):
+        super().__init__(1, channels, eps=eps, relu=relu)
 
 
-class InstanceNorm2d(nn.GroupNorm):
+class InstanceNorm2d(GroupNorm):
     """InstanceNorm (Ulyanov et al. 2016, Eq. 2): statistics over (H, W) of each sample and
     channel, per-channel affine, no running statistics. Exactly GroupNorm with G = C."""
 
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__(channels, channels, eps=eps)
+    def __init__(self, channels: int, eps: float = 1e-5, relu: bool = False):
+        super().__init__(channels, channels, eps=eps, relu=relu)
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,8 @@ _SIGNATURES = {  # name: argument types (pointers, then B, C, S, nhwc, then poin
     "frn_backward": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _P, _P, _P, _P],
     "evo_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P],
     "evo_backward_full": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _I, _P, _P, _P, _P, _P, _P],
+    "gn_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _I, ctypes.c_double, ctypes.c_int, _P, _P, _P],
+    "gn_backward_full": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P],
     "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int,
                     ctypes.c_double, ctypes.c_int, _P, _P, _P],
     "cbn_backward": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, ctypes.c_int, _P, _P, _P, _P],
@@ -361,4 +363,31 @@ def cbn_backward(g: torch.Tensor, x: torch.Tensor, starts: torch.Tensor, stats: 
     gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
     _fn("cbn_backward", x)(g.data_ptr(), x.data_ptr(), b, c, s, nhwc, starts.data_ptr(), starts.numel() - 1,
                            stats.data_ptr(), int(renorm), _ptr(y), gx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr())
+    return gx, dgamma, dbeta
+
+
+def gn_forward_full(x: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], groups: int,
+                    eps: float, relu: bool = False):
+    """GroupNorm forward in one call (``relu``: a fused ReLU): (y, mean_g, rstd_g), the group
+    statistics of shape (B, G)."""
+    b, c, s, nhwc = _dims(x)
+    gamma, beta = _per_c(gamma, x), _per_c(beta, x)
+    y, mean_g, rstd_g = torch.empty_like(x), x.new_empty(b, groups), x.new_empty(b, groups)
+    _fn("gn_forward_full", x)(x.data_ptr(), b, c, s, nhwc, _ptr(gamma), _ptr(beta), groups, float(eps), int(relu),
+                              mean_g.data_ptr(), rstd_g.data_ptr(), y.data_ptr())
+    return y, mean_g, rstd_g
+
+
+def gn_backward_full(g: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                     groups: int, mean_g: torch.Tensor, rstd_g: torch.Tensor):
+    """GroupNorm backward in one call: (dx, dgamma, dbeta); ``y``: the forward's output when it
+    had a fused ReLU (g is then masked where y <= 0)."""
+    b, c, s, nhwc = _dims(x)
+    g = _like(g, x)
+    y = None if y is None else _like(y, x)
+    gamma = _per_c(gamma, x)
+    gx, dgamma, dbeta = torch.empty_like(x), x.new_empty(c), x.new_empty(c)
+    _fn("gn_backward_full", x)(g.data_ptr(), x.data_ptr(), _ptr(y), b, c, s, nhwc, _ptr(gamma), groups,
+                               mean_g.data_ptr(), rstd_g.data_ptr(), gx.data_ptr(), dgamma.data_ptr(),
+                               dbeta.data_ptr())
     return gx, dgamma, dbeta

@@ -546,6 +546,80 @@ void evo_backward_full(const T* g, const T* x, const T* sig, int64_t B, int64_t 
         bc_grad_out<T>(g, x, nullptr, nullptr, B, C, S, nhwc, a.data(), k1.data(), k0.data(), gx);
 }
 
+// GroupNorm (Wu & He 2018, Eq. 1-3; LayerNorm = 1 group, InstanceNorm = C groups) in one call
+// each way: group moments from per-channel moments (parallel variance), rstd[b,g] =
+// 1 / sqrt(var_g + eps), A[b,c] = gamma rstd, K[b,c] = beta - A mu_g; y = A x + K, or
+// max(A x + K, 0) with ``relu`` (a fused ReLU). Writes mean_g, rstd_g (B x G).
+template <typename T>
+void gn_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* gamma, const T* beta,
+                     int64_t G, double eps, bool relu, T* mean_g, T* rstd_g, T* y) {
+    const int64_t per = C / G;
+    std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
+    bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
+    for (int64_t bg = 0; bg < B * G; ++bg) {
+        const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
+        double mu = 0.0, var = 0.0;
+        for (int64_t j = 0; j < per; ++j) mu += m[base + j];
+        mu /= static_cast<double>(per);
+        for (int64_t j = 0; j < per; ++j) {
+            const double dm = m[base + j] - mu;
+            var += q[base + j] + dm * dm;
+        }
+        var /= static_cast<double>(per);
+        const double rs = 1.0 / std::sqrt(var + eps);
+        mean_g[bg] = static_cast<T>(mu);
+        rstd_g[bg] = static_cast<T>(rs);
+        for (int64_t j = 0; j < per; ++j) {
+            const double aj = (gamma ? static_cast<double>(gamma[c0 + j]) : 1.0) * rs;
+            a[base + j] = static_cast<T>(aj);
+            k[base + j] = static_cast<T>((beta ? static_cast<double>(beta[c0 + j]) : 0.0) - aj * mu);
+        }
+    }
+    std::vector<T> floor(relu ? C : 0, T(0));
+    bc_affine<T>(x, B, C, S, nhwc, a.data(), k.data(), relu ? floor.data() : nullptr, y);
+}
+
+// Backward, with g' = g (or g where y > 0 after a fused ReLU: pass y), N = per S, per group
+// S1 = sum_c gamma_c sum_s g', S2 = sum_c gamma_c sum_s g' x_hat: dx = A g' + K1 x + K0 with
+// K1 = -rstd^2 S2 / N, K0 = -rstd S1 / N + mu rstd^2 S2 / N; dgamma = sum g' x_hat, dbeta = sum g'.
+template <typename T>
+void gn_backward_full(const T* g, const T* x, const T* y, int64_t B, int64_t C, int64_t S, bool nhwc,
+                      const T* gamma, int64_t G, const T* mean_g, const T* rstd_g, T* gx, T* dgamma, T* dbeta) {
+    const int64_t per = C / G;
+    std::vector<T> sg(B * C), sgx(B * C), a(B * C), k1(B * C), k0(B * C), floor(y ? C : 0, T(0));
+    const T* fl = y ? floor.data() : nullptr;
+    bc_grad_sums<T>(g, x, y, fl, B, C, S, nhwc, sg.data(), sgx.data(), nullptr);
+    std::vector<double> dgg(C, 0.0), dbb(C, 0.0);
+    const double n = static_cast<double>(per * S);
+    for (int64_t bg = 0; bg < B * G; ++bg) {
+        const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
+        const double rs = rstd_g[bg], mu = mean_g[bg];
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t j = 0; j < per; ++j) {
+            const int64_t i = base + j, c = c0 + j;
+            const double gm = gamma ? static_cast<double>(gamma[c]) : 1.0;
+            const double sgxh = (static_cast<double>(sgx[i]) - mu * sg[i]) * rs;  // sum g' x_hat
+            s1 += gm * sg[i];
+            s2 += gm * sgxh;
+            dgg[c] += sgxh;
+            dbb[c] += sg[i];
+        }
+        const double kk1 = -rs * rs * s2 / n;
+        const double kk0 = -rs * s1 / n - mu * kk1;
+        for (int64_t j = 0; j < per; ++j) {
+            const int64_t i = base + j;
+            a[i] = static_cast<T>((gamma ? static_cast<double>(gamma[c0 + j]) : 1.0) * rs);
+            k1[i] = static_cast<T>(kk1);
+            k0[i] = static_cast<T>(kk0);
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        if (dgamma) dgamma[c] = static_cast<T>(dgg[c]);
+        if (dbeta) dbeta[c] = static_cast<T>(dbb[c]);
+    }
+    bc_grad_out<T>(g, x, y, fl, B, C, S, nhwc, a.data(), k1.data(), k0.data(), gx);
+}
+
 // Chunked BatchNorm (Ghost BN; Batch Renorm with one chunk) in one call each way. Chunk j holds
 // samples [start[j], start[j+1]). Per chunk and channel: mu, var (biased) from per-(b, c) moments
 // (parallel variance), rstd = 1 / sqrt(var + eps); Batch Renorm (run_std given, limits r_lim,
@@ -724,6 +798,20 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
         cbn_backward<T>(g, x, B, C, S, nhwc != 0, start, K, stats, renorm != 0, y, gx, dgamma, dbeta);           \
     }
 
+#define NB_EXPORT_GN(T, SUFFIX)                                                                                  \
+    extern "C" void gn_forward_full_##SUFFIX(const T* x, int64_t B, int64_t C, int64_t S, int nhwc,               \
+                                             const T* gamma, const T* beta, int64_t G, double eps, int relu,     \
+                                             T* mean_g, T* rstd_g, T* y) {                                       \
+        gn_forward_full<T>(x, B, C, S, nhwc != 0, gamma, beta, G, eps, relu != 0, mean_g, rstd_g, y);            \
+    }                                                                                                            \
+    extern "C" void gn_backward_full_##SUFFIX(const T* g, const T* x, const T* y, int64_t B, int64_t C,          \
+                                              int64_t S, int nhwc, const T* gamma, int64_t G, const T* mean_g,   \
+                                              const T* rstd_g, T* gx, T* dgamma, T* dbeta) {                     \
+        gn_backward_full<T>(g, x, y, B, C, S, nhwc != 0, gamma, G, mean_g, rstd_g, gx, dgamma, dbeta);           \
+    }
+
+NB_EXPORT_GN(float, f32)
+NB_EXPORT_GN(double, f64)
 NB_EXPORT_FULL(float, f32)
 NB_EXPORT_FULL(double, f64)
 NB_EXPORT_FRN(float, f32)
