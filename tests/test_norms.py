@@ -176,17 +176,32 @@ def test_method_configs_load_and_build(path):
 # ----------------------------------------------------------------------------- batch family
 
 
-def test_bn_matches_pytorch():
-    x = rand(6, 4, 5, 5).requires_grad_()
-    ours, ref = BatchNorm2d(4), nn.BatchNorm2d(4)
-    x2 = x.detach().clone().requires_grad_()
-    g = rand(6, 4, 5, 5, seed=3)
-    ours(x).backward(g)
-    ref(x2).backward(g)
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(ours.running_var, ref.running_var)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_bn_matches_pytorch(kernels, cl, relu):
+    """normbench's BatchNorm2d (the fused kernels in training where they apply, ReLU and running
+    update included) against nn.BatchNorm2d (+ F.relu): outputs, gradients, running statistics
+    and the step counter over three steps, then eval mode."""
+    ours, ref = BatchNorm2d(4, relu=relu), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2, 4)), m.bias.copy_(torch.linspace(-1, 1, 4))
+    for step in range(3):
+        x = rand(6, 4, 5, 5, seed=step, cl=cl).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        g = rand(6, 4, 5, 5, seed=10 + step, cl=cl)
+        y, y2 = ours(x), ref(x2)
+        if relu:
+            y2 = F.relu(y2)
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+        y.backward(g), y2.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for a, b in [(ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad),
+                 (ours.running_mean, ref.running_mean), (ours.running_var, ref.running_var)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
     ours.eval(), ref.eval()
-    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours(x), F.relu(ref(x)) if relu else ref(x))
 
 
 def test_bn_family_rejects_one_value_per_channel():

@@ -115,7 +115,8 @@ from normbench.norms import batch, sample, weight  # noqa: E402  (the layers imp
 # ran NCHW; the kernels have no such penalty and the convolutions are faster in channels_last.)
 register(NormScheme(
     "bn",
-    lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer), _relu_if(act)),
+    lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer, relu=act),
+                                       None),  # the ReLU is fused into the layer
     batch_dependent=True, normalizes="(B, H, W) per channel", paper="Ioffe & Szegedy 2015"))
 register(NormScheme(
     "ghost_bn",

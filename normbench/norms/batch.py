@@ -28,24 +28,56 @@ def reject_single_value(x: torch.Tensor, per_stat_samples: int, layer: str, what
                         "use a larger batch or a per-sample norm (gn, ln, frn)")
 
 
-class BatchNorm2d(nn.BatchNorm2d):
+class _KernelBuffers:
+    """Whether the fused kernels may update a layer's running statistics in place for input x:
+    buffers of x's dtype, contiguous, one value per channel; cached per (dtype, channels, buffer
+    addresses), since it is asked every step."""
+
+    def _buffers_take(self, x: torch.Tensor, *buffers: torch.Tensor) -> bool:
+        key = (x.dtype, x.shape[1]) + tuple(b.data_ptr() for b in buffers)
+        if getattr(self, "_buffers_key", None) != key:
+            self._buffers_key = key
+            self._buffers_ok = all(native.can_update_in_place(b, x) for b in buffers)
+        return self._buffers_ok
+
+    def _one_chunk_of(self, x: torch.Tensor) -> "_Chunks":
+        chunks = getattr(self, "_one_chunk", None)
+        if chunks is None or chunks.sizes[0] != x.shape[0] or chunks.member.device != x.device \
+                or chunks.member.dtype != x.dtype:
+            chunks = self._one_chunk = _Chunks([x.shape[0]], x.device, x.dtype)
+        return chunks
+
+
+class BatchNorm2d(_KernelBuffers, nn.BatchNorm2d):
     """BatchNorm (Ioffe & Szegedy 2015, Alg. 1).
 
     Training: x_hat = (x - mu_B) / sqrt(sigma_B^2 + eps) with mu_B, sigma_B^2 over (B, H, W)
     per channel; y = gamma * x_hat + beta. Running mean/var (momentum 0.1, unbiased
-    variance) replace the batch statistics in eval. PyTorch's kernel does the maths; this
-    subclass only turns the undefined case (one value per channel: B = 1 on 1x1 maps) into
-    an error that names the layer.
+    variance) replace the batch statistics in eval. ``relu=True``: the ReLU that follows,
+    applied by the layer (in place). PyTorch's kernel does the maths: the fused kernel of
+    :class:`ChunkedBatchNormFn` with one chunk (ReLU and running update included) was measured
+    no faster for a whole ResNet-20 training step on CPU (step-time ratio 0.88 at batch 2,
+    0.96-1.02 at 8-128, session 4). The one undefined case (one value per channel: B = 1 on
+    1x1 maps) is an error that names the layer.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, layer: str = "?"):
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, layer: str = "?",
+                 relu: bool = False):
         super().__init__(channels, eps=eps, momentum=momentum)
         self.layer = layer
+        self.relu = relu
+        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             reject_single_value(x, x.shape[0], self.layer)
-        return super().forward(x)
+        y = super().forward(x)  # PyTorch's kernel: the fused one was no faster for a whole ResNet-20 step
+        return F.relu(y, inplace=True) if self.relu else y
+
+    def _kernel_step_ok(self, x: torch.Tensor) -> bool:
+        """A training step the fused kernels can take whole (exponential running average)."""
+        return (isinstance(self.momentum, float) and self.track_running_stats and self.affine
+                and native.applies(x) and self._buffers_take(x, self.running_mean, self.running_var))
 
 
 # ----------------------------------------------------------------------------- chunked BN
@@ -106,8 +138,8 @@ class ChunkedBatchNormFn(torch.autograd.Function):
     r_limit), d = clip((mu_B - mu) / sigma, -d_limit, d_limit), sigma_B = sqrt(var_B + eps),
     constants in backward; None means r = 1, d = 0 (Ghost BatchNorm).
     Returns (y, stats) with stats[0] = mu (K, C) and stats[1] = var (K, C) (more rows may follow);
-    the statistics carry no gradient. ``update_momentum``
-    (Batch Renorm) moves the moving statistics in place in the kernel; ``relu`` returns max(y, 0)
+    the statistics carry no gradient. ``update``
+    (see native.cbn_forward) moves running statistics in place in the kernel; ``relu`` returns max(y, 0)
     (a fused ReLU, its mask applied to the gradient in backward); both need the fused kernels
     (normbench.norms.native).
 
@@ -116,24 +148,23 @@ class ChunkedBatchNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None, relu=False,
+    def forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update=None, relu=False,
                 counter=None):
         ctx.native = native.applies(x)
         if ctx.native:  # fused kernels, one call each way
             ctx.chunks, ctx.renorm = chunks, renorm is not None
-            y, stats = native.cbn_forward(x, weight, bias, chunks.starts, eps, renorm, update_momentum, relu, counter)
+            y, stats = native.cbn_forward(x, weight, bias, chunks.starts, eps, renorm, update, relu, counter)
             ctx.save_for_backward(x, stats, y if relu else None)
             ctx.mark_non_differentiable(stats)
             return y, stats
         with _no_autocast(x):  # the chunk matmuls stay in x's dtype
-            y, mean, var = ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update_momentum,
-                                                       relu)
+            y, mean, var = ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update, relu)
             return y, torch.stack([mean, var])
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update_momentum=None, relu=False):
+    def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update=None, relu=False):
         ctx.chunks = chunks
-        if relu or update_momentum is not None:
+        if relu or update is not None:
             raise ValueError("a fused ReLU and in-place running statistics need normbench's fused kernels")
         m_bc, rstd_bc = moments(x)  # (B, C); eps 0, so var = rstd ** -2 exactly
         var_bc = rstd_bc.pow(-2)
@@ -186,7 +217,7 @@ class ChunkedBatchNormFn(torch.autograd.Function):
         return gx, g_weight, g_bias, None, None, None
 
 
-class GhostBatchNorm2d(nn.BatchNorm2d):
+class GhostBatchNorm2d(BatchNorm2d):
     """Ghost BatchNorm (Hoffer, Hubara & Soudry 2017, Sec. 4.1, Alg. 1).
 
     Training: the batch is split into consecutive chunks ("ghost batches") of
@@ -207,9 +238,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1, ghost_batch_size: int = 16,
                  running_stats: str = "per_step", layer: str = "?", relu: bool = False):
-        super().__init__(channels, eps=eps, momentum=momentum)
-        self.relu = relu  # the ReLU that follows, fused into the chunked kernels (applied after otherwise)
-        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
+        super().__init__(channels, eps=eps, momentum=momentum, layer=layer, relu=relu)
         if running_stats not in ("per_step", "per_chunk"):
             raise UserError(f"norm.running_stats: got {running_stats!r}; allowed: per_step, per_chunk")
         self.ghost_batch_size = int(ghost_batch_size)
@@ -229,22 +258,21 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return chunks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self._act(super().forward(x))
-        if x.shape[0] <= self.ghost_batch_size:  # one chunk: exactly BatchNorm (PyTorch's kernel)
-            reject_single_value(x, x.shape[0], self.layer, "Ghost BatchNorm")
-            self.num_batches_tracked.add_(1)
-            return self._act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                          self.momentum, self.eps))
+        if not self.training or x.shape[0] <= self.ghost_batch_size:  # one chunk: exactly BatchNorm
+            if self.training:
+                reject_single_value(x, x.shape[0], self.layer, "Ghost BatchNorm")
+            return super().forward(x)
         chunks = self._chunks(x.shape[0], x)
         reject_single_value(x, min(chunks.sizes), self.layer, "Ghost BatchNorm")
+        fast = self._kernel_step_ok(x)
+        if fast and self.running_stats == "per_step":  # everything in the kernel call
+            update = ("var", self.running_mean, self.running_var, self.momentum)
+            return ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None, update, self.relu,
+                                            self.num_batches_tracked)[0]
         fuse = self.relu and native.applies(x)
         y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None, None, fuse)
         self._update_running(stats[0], stats[1], chunks, x.shape[2] * x.shape[3])
-        return y if fuse else self._act(y)
-
-    def _act(self, y: torch.Tensor) -> torch.Tensor:
-        return F.relu(y, inplace=True) if self.relu else y
+        return y if fuse or not self.relu else F.relu(y, inplace=True)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, chunks: _Chunks, hw: int) -> None:
@@ -275,7 +303,7 @@ def _ramp(progress: float, start: float, end: float) -> float:
     return min(1.0, max(0.0, (progress - start) / (end - start)))
 
 
-class BatchRenorm2d(nn.Module):
+class BatchRenorm2d(_KernelBuffers, nn.Module):
     """Batch Renormalization (Ioffe 2017, Alg. 1).
 
     Training: mu_B, sigma_B = sqrt(var_B + eps) over (B, H, W) per channel (biased var);
@@ -349,15 +377,13 @@ class BatchRenorm2d(nn.Module):
             y, mean, var = self._forward_kernel(x)
             y = self._act(y)
         else:
-            chunks = getattr(self, "_one_chunk", None)
-            if chunks is None or chunks.sizes[0] != x.shape[0] or chunks.member.device != x.device \
-                    or chunks.member.dtype != x.dtype:
-                chunks = self._one_chunk = _Chunks([x.shape[0]], x.device, x.dtype)
+            chunks = self._one_chunk_of(x)
             renorm = (self.running_mean, self.running_std, self.r_limit, self.d_limit)
-            in_place = fast and self._buffers_take(x)
+            in_place = fast and self._buffers_take(x, self.running_mean, self.running_std)
             fuse = self.relu and fast
-            y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm,
-                                                self.momentum if in_place else None, fuse, self.num_batches_tracked)
+            update = ("std", self.running_mean, self.running_std, self.momentum) if in_place else None
+            y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, renorm, update, fuse,
+                                                self.num_batches_tracked)
             if not fuse:
                 y = self._act(y)
             if in_place:  # the kernel has moved the running statistics and counted the step
@@ -371,16 +397,6 @@ class BatchRenorm2d(nn.Module):
 
     def _act(self, y: torch.Tensor) -> torch.Tensor:
         return F.relu(y, inplace=True) if self.relu else y
-
-    def _buffers_take(self, x: torch.Tensor) -> bool:
-        """Whether the fused kernels can update the moving statistics in place for input x
-        (cached per input dtype and buffer identity: it is asked every step)."""
-        key = (x.dtype, x.shape[1], self.running_mean.data_ptr(), self.running_std.data_ptr())
-        if getattr(self, "_buffers_key", None) != key:
-            self._buffers_key = key
-            self._buffers_ok = (native.can_update_in_place(self.running_mean, x)
-                                and native.can_update_in_place(self.running_std, x))
-        return self._buffers_ok
 
     def _forward_kernel(self, x: torch.Tensor):
         """The same maths through PyTorch's BN kernel: r, d from the batch statistics (no

@@ -64,8 +64,8 @@ _SIGNATURES = {  # name: argument types (pointers, then B, C, S, nhwc, then poin
     "evo_backward_full": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _P, _I, _P, _P, _P, _P, _P, _P],
     "gn_forward_full": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _I, ctypes.c_double, ctypes.c_int, _P, _P, _P],
     "gn_backward_full": [_P, _P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, _P, _P, _P, _P],
-    "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P, ctypes.c_int,
-                    ctypes.c_double, ctypes.c_int, _P, _P, _P],
+    "cbn_forward": [_P, _I, _I, _I, ctypes.c_int, _P, _P, _P, _I, ctypes.c_double, _P, _P, _P, _P, _P, _P,
+                    ctypes.c_int, ctypes.c_double, ctypes.c_int, _P, _P, _P],
     "cbn_backward": [_P, _P, _I, _I, _I, ctypes.c_int, _P, _I, _P, ctypes.c_int, _P, _P, _P, _P],
 }
 
@@ -318,37 +318,42 @@ def can_update_in_place(buffer: torch.Tensor, x: torch.Tensor) -> bool:
     return buffer.dtype is x.dtype and buffer.is_contiguous() and buffer.numel() == x.shape[1]
 
 
+UPDATE_MODES = {"std": 1, "var": 2}  # running-statistics updates the cbn kernel can do in place
+
+
 def cbn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, starts: torch.Tensor, eps: float,
-                renorm=None, update_momentum: Optional[float] = None, relu: bool = False,
-                counter: Optional[torch.Tensor] = None):
+                renorm=None, update=None, relu: bool = False, counter: Optional[torch.Tensor] = None):
     """Chunked BatchNorm forward in one call; ``renorm`` = (running_mean, running_std, r_limit,
     d_limit) for Batch Renorm. Returns (y, stats) with stats (6, K, C): per chunk mean, var, rstd,
-    A (the scale applied), r and d (r, d only with renorm). With ``update_momentum`` (Batch
-    Renorm, one chunk, buffers that pass :func:`can_update_in_place`, which the caller checks)
-    the running mean / std are also moved in place towards this batch's mean / sqrt(var + eps) at that rate, after r and d
-    used the old values, and ``counter`` (an int64 buffer) is incremented. ``relu``: the output is
-    max(y, 0) (a fused ReLU; hand the output to :func:`cbn_backward`)."""
+    A (the scale applied), r and d (r, d only with renorm).
+
+    ``update`` = (mode, mean_buffer, second_buffer, momentum) moves running statistics in place
+    (buffers that pass :func:`can_update_in_place`, which the caller checks): mode "std" (Batch
+    Renorm, one chunk) towards mean and sqrt(var + eps), after r and d used the old values;
+    mode "var" (BatchNorm, Ghost BN per step) towards the n_j / B-weighted chunk means and
+    unbiased variances. ``counter`` (an int64 buffer) is then incremented. ``relu``: the output
+    is max(y, 0) (a fused ReLU; hand the output to :func:`cbn_backward`)."""
     b, c, s, nhwc = _dims(x)
     k = starts.numel() - 1
     gamma, beta = _per_c(gamma, x), _per_c(beta, x)
     y, stats = torch.empty_like(x), x.new_empty(6, k, c)
-    upd = update_momentum is not None
     if renorm is not None:
         run_mean, run_std, r_lim, d_lim = renorm
-        if upd and not (k == 1 and run_mean.dtype is x.dtype and run_std.dtype is x.dtype):  # callers check
-            raise ValueError("in-place running statistics need Batch Renorm buffers of x's dtype and one chunk")
-        if not upd:
-            run_mean, run_std = _per_c(run_mean, x), _per_c(run_std, x)
+        run_mean, run_std = _per_c(run_mean, x), _per_c(run_std, x)
         r_lim = r_lim if r_lim.dtype == x.dtype else r_lim.to(x.dtype)
         d_lim = d_lim if d_lim.dtype == x.dtype else d_lim.to(x.dtype)
         ptrs = (run_mean.data_ptr(), run_std.data_ptr(), r_lim.data_ptr(), d_lim.data_ptr())
-    elif upd:
-        raise ValueError("in-place running statistics are Batch Renorm's (pass renorm)")
     else:
         ptrs = (None, None, None, None)
+    if update is not None:
+        mode, upd_mean, upd_second, momentum = update
+        if upd_mean.dtype is not x.dtype or upd_second.dtype is not x.dtype or (mode == "std" and k != 1):
+            raise ValueError("in-place running statistics need buffers of x's dtype (and one chunk for 'std')")
+        upd = (upd_mean.data_ptr(), upd_second.data_ptr(), UPDATE_MODES[mode], float(momentum), _ptr(counter))
+    else:
+        upd = (None, None, 0, 0.0, None)
     _fn("cbn_forward", x)(x.data_ptr(), b, c, s, nhwc, gamma.data_ptr(), beta.data_ptr(), starts.data_ptr(), k,
-                          float(eps), *ptrs, int(upd), float(update_momentum) if upd else 0.0, int(relu),
-                          _ptr(counter) if upd else None, y.data_ptr(), stats.data_ptr())
+                          float(eps), *ptrs, *upd[:4], int(relu), upd[4], y.data_ptr(), stats.data_ptr())
     return y, stats
 
 

@@ -620,26 +620,30 @@ void gn_backward_full(const T* g, const T* x, const T* y, int64_t B, int64_t C, 
     bc_grad_out<T>(g, x, y, fl, B, C, S, nhwc, a.data(), k1.data(), k0.data(), gx);
 }
 
-// Chunked BatchNorm (Ghost BN; Batch Renorm with one chunk) in one call each way. Chunk j holds
-// samples [start[j], start[j+1]). Per chunk and channel: mu, var (biased) from per-(b, c) moments
-// (parallel variance), rstd = 1 / sqrt(var + eps); Batch Renorm (run_std given, limits r_lim,
-// d_lim): r = clip(sqrt(var + eps) / run_std, 1/r_lim, r_lim), d = clip((mu - run_mean) / run_std,
-// -d_lim, d_lim), A = gamma r rstd, K = beta + gamma (d - r rstd mu); else A = gamma rstd,
-// K = beta - A mu. y = A x + K, or max(A x + K, 0) with ``relu`` (a fused ReLU).
+// Chunked BatchNorm (BatchNorm = one chunk; Ghost BN; Batch Renorm with one chunk) in one call
+// each way. Chunk j holds samples [start[j], start[j+1]). Per chunk and channel: mu, var (biased)
+// from per-(b, c) moments (parallel variance), rstd = 1 / sqrt(var + eps); Batch Renorm (run_std
+// given, limits r_lim, d_lim): r = clip(sqrt(var + eps) / run_std, 1/r_lim, r_lim),
+// d = clip((mu - run_mean) / run_std, -d_lim, d_lim), A = gamma r rstd, K = beta + gamma (d - r
+// rstd mu); else A = gamma rstd, K = beta - A mu. y = A x + K, or max(A x + K, 0) with ``relu``.
 // stats (6 x K x C, written): mu, var, rstd, A, r, d (r, d only for Batch Renorm).
-// ``update`` (Batch Renorm, one chunk): the moving mean / std (run_mean / run_std) move in place
-// at rate momentum towards mu and sqrt(var + eps), after r and d used the old values; ``counter``
-// (optional): an int64 step counter incremented once.
+// Running statistics, updated in place at rate ``momentum`` after r and d used the old values:
+// update_mode 1 (Batch Renorm): upd_mean -> mu, upd_second (a std) -> sqrt(var + eps);
+// update_mode 2 (BatchNorm, Ghost BN once per step): upd_mean -> sum_j w_j mu_j, upd_second (a
+// variance) -> sum_j w_j var_j N_j / (N_j - 1), w_j = n_j / B, N_j = n_j S (the unbiased chunk
+// variance, as PyTorch's BatchNorm). ``counter`` (optional): an int64 step counter, incremented.
 template <typename T>
 void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* gamma, const T* beta,
-                 const int64_t* start, int64_t K, double eps, T* run_mean, T* run_std, const T* r_lim_p,
-                 const T* d_lim_p, bool update, double momentum, bool relu, int64_t* counter, T* y, T* stats) {
+                 const int64_t* start, int64_t K, double eps, const T* run_mean, const T* run_std, const T* r_lim_p,
+                 const T* d_lim_p, T* upd_mean, T* upd_second, int update_mode, double momentum, bool relu,
+                 int64_t* counter, T* y, T* stats) {
     const int64_t KC = K * C;
     T *mu = stats, *var = stats + KC, *rstd = stats + 2 * KC, *A = stats + 3 * KC, *r = stats + 4 * KC,
       *d = stats + 5 * KC;
     const double r_lim = r_lim_p ? static_cast<double>(*r_lim_p) : 1.0;
     const double d_lim = d_lim_p ? static_cast<double>(*d_lim_p) : 0.0;
     std::vector<T> m(B * C), q(B * C), ab(B * C), kb(B * C);
+    std::vector<double> new_mean(C, 0.0), new_second(C, 0.0);
     bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
     for (int64_t j = 0; j < K; ++j) {
         const int64_t b0 = start[j], b1 = start[j + 1];
@@ -665,10 +669,6 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
                 kk = beta[c] + gamma[c] * (dd - rr * rs * mm);
                 r[i] = static_cast<T>(rr);
                 d[i] = static_cast<T>(dd);
-                if (update) {
-                    run_mean[c] += static_cast<T>(momentum * (mm - run_mean[c]));
-                    run_std[c] += static_cast<T>(momentum * (std::sqrt(vv + eps) - run_std[c]));
-                }
             } else {
                 a = gamma[c] * rs;
                 kk = beta[c] - a * mm;
@@ -681,8 +681,16 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
                 ab[b * C + c] = static_cast<T>(a);
                 kb[b * C + c] = static_cast<T>(kk);
             }
+            const double w = n / static_cast<double>(B), nn = n * static_cast<double>(S);
+            new_mean[c] += w * mm;
+            new_second[c] += update_mode == 1 ? w * std::sqrt(vv + eps) : w * vv * nn / (nn - 1.0);
         }
     }
+    if (update_mode != 0)
+        for (int64_t c = 0; c < C; ++c) {
+            upd_mean[c] += static_cast<T>(momentum * (new_mean[c] - upd_mean[c]));
+            upd_second[c] += static_cast<T>(momentum * (new_second[c] - upd_second[c]));
+        }
     if (counter) *counter += 1;
     std::vector<T> floor(relu ? C : 0, T(0));
     bc_affine<T>(x, B, C, S, nhwc, ab.data(), kb.data(), relu ? floor.data() : nullptr, y);
@@ -786,11 +794,12 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
         evo_backward_full<T>(g, x, sig, B, C, S, nhwc != 0, v, gamma, G, mean_g, rstd_g, gx, dv, dgamma, dbeta); \
     }                                                                                                            \
     extern "C" void cbn_forward_##SUFFIX(const T* x, int64_t B, int64_t C, int64_t S, int nhwc, const T* gamma,   \
-                                         const T* beta, const int64_t* start, int64_t K, double eps, T* run_mean, \
-                                         T* run_std, const T* r_lim, const T* d_lim, int update, double momentum, \
-                                         int relu, int64_t* counter, T* y, T* stats) {                           \
+                                         const T* beta, const int64_t* start, int64_t K, double eps,             \
+                                         const T* run_mean, const T* run_std, const T* r_lim, const T* d_lim,    \
+                                         T* upd_mean, T* upd_second, int update_mode, double momentum, int relu, \
+                                         int64_t* counter, T* y, T* stats) {                                     \
         cbn_forward<T>(x, B, C, S, nhwc != 0, gamma, beta, start, K, eps, run_mean, run_std, r_lim, d_lim,       \
-                       update != 0, momentum, relu != 0, counter, y, stats);                                     \
+                       upd_mean, upd_second, update_mode, momentum, relu != 0, counter, y, stats);               \
     }                                                                                                            \
     extern "C" void cbn_backward_##SUFFIX(const T* g, const T* x, int64_t B, int64_t C, int64_t S, int nhwc,      \
                                           const int64_t* start, int64_t K, const T* stats, int renorm,           \
