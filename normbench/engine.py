@@ -60,9 +60,12 @@ def resolve_device(spec: str) -> torch.device:
 def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
     if cfg.train.channels_last != "auto":
         return bool(cfg.train.channels_last)
-    from normbench.norms import get_scheme
+    from normbench.norms import get_scheme, native
 
-    return get_scheme(cfg.norm.kind).prefers_channels_last
+    scheme = get_scheme(cfg.norm.kind)
+    if scheme.channels_last_needs_kernels and device.type == "cpu" and native.library() is None:
+        return False  # PyTorch's GroupNorm kernel is 2-3x slower on channels_last input
+    return scheme.prefers_channels_last
 
 
 def lr_at(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int, world_size: int = 1) -> float:

@@ -161,3 +161,18 @@ def test_auto_compile_only_where_measured_to_pay():
     assert engine.compile_mode(gn8, cpu, 10_000) == "default" and engine.compile_mode(gn32, cpu, 10_000) is None
     assert engine.compile_mode(load_config(None, ["train.batch_size=2"]), cpu, 10_000) is None  # bn: eager
     assert engine.compile_mode(load_config(None, ["train.compile=none", "norm.kind=frn"]), cpu, 10_000) is None
+
+
+def test_channels_last_for_the_groupnorm_family_only_with_the_fused_kernels(monkeypatch):
+    """Every scheme trains channels_last on CPU with the fused kernels; without them (no C++
+    compiler) GN/LN/IN/WS+GN/Batch Renorm fall back to NCHW, where PyTorch's kernels are fast."""
+    from normbench.norms import native
+
+    cpu = torch.device("cpu")
+    gn, bn = load_config(None, ["norm.kind=gn"]), load_config(None, ["norm.kind=bn"])
+    if native.library() is not None:
+        assert engine.use_channels_last(gn, cpu) and engine.use_channels_last(bn, cpu)
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert not engine.use_channels_last(gn, cpu)
+    assert engine.use_channels_last(bn, cpu)
+    assert engine.use_channels_last(load_config(None, ["norm.kind=gn", "train.channels_last=true"]), cpu)

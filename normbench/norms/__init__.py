@@ -74,6 +74,7 @@ class NormScheme:
     default_eps: float = 1e-5
     compile_max_batch: int = 0  # train.compile=auto compiles the model on CPU up to this batch size
     prefers_channels_last: bool = True  # CPU speed: channels_last helps the convs (measured below)
+    channels_last_needs_kernels: bool = False  # ... only with the fused kernels (else NCHW on CPU)
 
 
 _REGISTRY: dict[str, NormScheme] = {}
@@ -133,7 +134,8 @@ register(NormScheme(
                             cfg.brn_r_max_epochs, cfg.brn_d_max_epochs, layer, relu=act),
         None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(B, H, W) per channel, corrected by r, d towards the moving statistics",
-    paper="Ioffe 2017"))
+    paper="Ioffe 2017",
+    channels_last_needs_kernels=True))
 register(NormScheme(
     "gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
@@ -141,22 +143,26 @@ register(NormScheme(
     normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018",
     # measured with the fused kernels, channels_last (bench_throughput --compare-compile, session 4):
     # compiled / eager img/s 194/167 at batch 2, 442/370 at 8, 507/599 at 32, 565/699 at 128
-    compile_max_batch=8))
+    compile_max_batch=8,
+    channels_last_needs_kernels=True))
 register(NormScheme(
     "ln",
     lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg), relu=act), None),
-    normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016"))
+    normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016",
+    channels_last_needs_kernels=True))
 register(NormScheme(
     "in",
     lambda cfg, c, act, layer: NormAct(sample.InstanceNorm2d(c, eps_of(cfg), relu=act), None),
-    normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016"))
+    normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016",
+    channels_last_needs_kernels=True))
 register(NormScheme(
     "ws_gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
                                        None),  # the ReLU is fused into the layer
     conv=weight.standardized_conv,
     normalizes="(C/G, H, W) per sample and group; conv weights per output filter over (C_in, kh, kw)",
-    paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)"))
+    paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)",
+    channels_last_needs_kernels=True))
 register(NormScheme(
     "frn",
     # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm
