@@ -471,6 +471,26 @@ void frn_backward(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
     bc_grad_out<T>(g, x, z, tau, B, C, S, nhwc, a.data(), k1.data(), k0.data(), gx);
 }
 
+// Group moments from per-(b, c) moments m (mean), q (biased variance) (Chan et al.'s parallel
+// variance over the C/G channels of each group): mean_g[b,g], rstd_g[b,g] = 1 / sqrt(var_g + eps).
+template <typename T>
+void group_moments(const T* m, const T* q, int64_t B, int64_t C, int64_t G, double eps, T* mean_g, T* rstd_g) {
+    const int64_t per = C / G;
+    for (int64_t bg = 0; bg < B * G; ++bg) {
+        const int64_t base = (bg / G) * C + (bg % G) * per;
+        double mu = 0.0, var = 0.0;
+        for (int64_t j = 0; j < per; ++j) mu += m[base + j];
+        mu /= static_cast<double>(per);
+        for (int64_t j = 0; j < per; ++j) {
+            const double dm = m[base + j] - mu;
+            var += q[base + j] + dm * dm;
+        }
+        var /= static_cast<double>(per);
+        mean_g[bg] = static_cast<T>(mu);
+        rstd_g[bg] = static_cast<T>(1.0 / std::sqrt(var + eps));
+    }
+}
+
 // EvoNorm-S0 in one call each way (Liu et al. 2020): group moments from per-channel moments
 // (Chan et al.'s parallel variance), rstd[b,g] = 1 / sqrt(var_g + eps), A[b,c] = gamma rstd;
 // z = x sigmoid(v x) A + beta, or z = x A + beta without v (the no-activation variant).
@@ -480,19 +500,10 @@ void evo_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, co
     const int64_t per = C / G;
     std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
     bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
+    group_moments<T>(m.data(), q.data(), B, C, G, eps, mean_g, rstd_g);
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
-        double mu = 0.0, var = 0.0;
-        for (int64_t j = 0; j < per; ++j) mu += m[base + j];
-        mu /= static_cast<double>(per);
-        for (int64_t j = 0; j < per; ++j) {
-            const double dm = m[base + j] - mu;
-            var += q[base + j] + dm * dm;
-        }
-        var /= static_cast<double>(per);
-        const double rs = 1.0 / std::sqrt(var + eps);
-        mean_g[bg] = static_cast<T>(mu);
-        rstd_g[bg] = static_cast<T>(rs);
+        const double rs = rstd_g[bg];
         for (int64_t j = 0; j < per; ++j) {
             a[base + j] = static_cast<T>(gamma[c0 + j] * rs);
             k[base + j] = beta[c0 + j];
@@ -556,19 +567,10 @@ void gn_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, con
     const int64_t per = C / G;
     std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
     bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
+    group_moments<T>(m.data(), q.data(), B, C, G, eps, mean_g, rstd_g);
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
-        double mu = 0.0, var = 0.0;
-        for (int64_t j = 0; j < per; ++j) mu += m[base + j];
-        mu /= static_cast<double>(per);
-        for (int64_t j = 0; j < per; ++j) {
-            const double dm = m[base + j] - mu;
-            var += q[base + j] + dm * dm;
-        }
-        var /= static_cast<double>(per);
-        const double rs = 1.0 / std::sqrt(var + eps);
-        mean_g[bg] = static_cast<T>(mu);
-        rstd_g[bg] = static_cast<T>(rs);
+        const double mu = mean_g[bg], rs = rstd_g[bg];
         for (int64_t j = 0; j < per; ++j) {
             const double aj = (gamma ? static_cast<double>(gamma[c0 + j]) : 1.0) * rs;
             a[base + j] = static_cast<T>(aj);
