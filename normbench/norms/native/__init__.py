@@ -1,19 +1,21 @@
-"""Fused CPU kernels (fused.cpp) for FRN + TLU, EvoNorm-S0 and the chunked BatchNorm of Ghost BN /
-Batch Renorm: one pass over the activation per kernel instead of the 3-8 passes (and temporaries)
-that the same maths costs as PyTorch ops.
+"""Fused CPU kernels (fused.cpp) for FRN + TLU, EvoNorm-S0, GroupNorm / LayerNorm /
+InstanceNorm (+ ReLU) and the chunked BatchNorm of Ghost BN / Batch Renorm (+ ReLU): one call per
+layer and direction, two passes over the activation each way, instead of the 3-8 passes (and
+temporaries) that the same maths costs as PyTorch ops.
 
 The C++ file has no PyTorch headers: it is compiled on first use with the system's C++ compiler
-(``g++ -O3 -march=native -fopenmp``, about 2 s) into ``$NORMBENCH_NATIVE_CACHE`` (default
+(``g++ -O3 -march=native -fopenmp``, a few seconds) into ``$NORMBENCH_NATIVE_CACHE`` (default
 ``~/.cache/normbench/native``, keyed by a hash of the source, the flags, the compiler and the
 CPU's feature flags) and called through ctypes on tensors' memory. Its OpenMP loops run in the
 process's libgomp, which is PyTorch's own (same soname, already loaded), so
 ``torch.set_num_threads`` sizes them too.
 
 Used only where it applies: CPU tensors of float32 / float64, 4-d, contiguous in NCHW or
-channels_last, outside ``torch.compile`` tracing. Everything else, and any machine where the
-build fails (one warning on stderr), takes the PyTorch path of normbench.norms.functional,
-which computes the same maths; ``NORMBENCH_NATIVE=0`` forces that path. The tests compare both
-paths, and gradcheck runs on both (the kernels have float64 versions).
+channels_last, outside ``torch.compile`` tracing, not in a forked child. Everything else, and
+any machine where the build fails (one warning on stderr), takes the layers' PyTorch path
+(normbench.norms.functional, or PyTorch's GroupNorm kernel), which computes the same maths;
+``NORMBENCH_NATIVE=0`` forces that path. The tests run the layers both ways, and gradcheck
+runs on the kernels too (they have float64 versions).
 """
 from __future__ import annotations
 
@@ -174,6 +176,12 @@ def _dims(x: torch.Tensor):
     return b, c, h * w, _layout(x)
 
 
+# ----------------------------------------------------------------------------- the passes
+# One pass over the activation each. The layers call the one-call kernels further down (which
+# run these passes inside C++); the passes are exported so that tests/test_norms.py checks each
+# of them on its own against its formula.
+
+
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) over (H, W) per sample and channel, each (B, C)."""
     b, c, s, nhwc = _dims(x)
@@ -249,6 +257,9 @@ def evo_grad_out(g: torch.Tensor, x: torch.Tensor, sig: torch.Tensor, v: torch.T
     _fn("evo_grad_out", x)(g.data_ptr(), x.data_ptr(), sig.data_ptr(), b, c, s, nhwc, v.data_ptr(), a.data_ptr(),
                            k1.data_ptr(), k0.data_ptr(), gx.data_ptr())
     return gx
+
+
+# ----------------------------------------------------------------------------- one call per layer and direction
 
 
 def frn_forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, tau: Optional[torch.Tensor], eps: float):
