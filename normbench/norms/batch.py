@@ -137,11 +137,10 @@ class ChunkedBatchNormFn(torch.autograd.Function):
     r_limit, d_limit) for Batch Renorm (one chunk): r = clip(sigma_B / sigma, 1/r_limit,
     r_limit), d = clip((mu_B - mu) / sigma, -d_limit, d_limit), sigma_B = sqrt(var_B + eps),
     constants in backward; None means r = 1, d = 0 (Ghost BatchNorm).
-    Returns (y, stats) with stats[0] = mu (K, C) and stats[1] = var (K, C) (more rows may follow);
-    the statistics carry no gradient. ``update``
-    (see native.cbn_forward) moves running statistics in place in the kernel; ``relu`` returns max(y, 0)
-    (a fused ReLU, its mask applied to the gradient in backward); both need the fused kernels
-    (normbench.norms.native).
+    Returns (y, stats) with stats[0] = mu (K, C) and stats[1] = var (K, C) (more rows may
+    follow); the statistics carry no gradient. ``update`` (see native.cbn_forward) moves running
+    statistics in place in the kernel; ``relu`` returns max(y, 0) (a fused ReLU, its mask
+    applied to the gradient in backward); both need the fused kernels (normbench.norms.native).
 
     Backward (per chunk and channel, N = n_j H W, a = gamma r / sqrt(var_j + eps)):
     dx = a (g - mean(g) - x_hat mean(g x_hat)), dgamma = sum g (r x_hat + d), dbeta = sum g.
@@ -159,7 +158,9 @@ class ChunkedBatchNormFn(torch.autograd.Function):
             return y, stats
         with _no_autocast(x):  # the chunk matmuls stay in x's dtype
             y, mean, var = ChunkedBatchNormFn._forward(ctx, x, weight, bias, chunks, eps, renorm, update, relu)
-            return y, torch.stack([mean, var])
+            stats = torch.stack([mean, var])
+            ctx.mark_non_differentiable(stats)
+            return y, stats
 
     @staticmethod
     def _forward(ctx, x, weight, bias, chunks: _Chunks, eps: float, renorm, update=None, relu=False):
