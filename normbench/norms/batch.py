@@ -17,7 +17,7 @@ from torch import nn
 
 from normbench.errors import UserError
 from normbench.norms import native
-from normbench.norms.functional import affine_bc, affine_bc_backward, moments
+from normbench.norms.functional import TrailingReLU, affine_bc, affine_bc_backward, moments
 
 
 def reject_single_value(x: torch.Tensor, per_stat_samples: int, layer: str, what: str = "BatchNorm") -> None:
@@ -48,7 +48,7 @@ class _KernelBuffers:
         return chunks
 
 
-class BatchNorm2d(_KernelBuffers, nn.BatchNorm2d):
+class BatchNorm2d(TrailingReLU, nn.BatchNorm2d):
     """BatchNorm (Ioffe & Szegedy 2015, Alg. 1).
 
     Training: x_hat = (x - mu_B) / sqrt(sigma_B^2 + eps) with mu_B, sigma_B^2 over (B, H, W)
@@ -66,18 +66,11 @@ class BatchNorm2d(_KernelBuffers, nn.BatchNorm2d):
         super().__init__(channels, eps=eps, momentum=momentum)
         self.layer = layer
         self.relu = relu
-        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             reject_single_value(x, x.shape[0], self.layer)
-        y = super().forward(x)  # PyTorch's kernel: the fused one was no faster for a whole ResNet-20 step
-        return F.relu(y, inplace=True) if self.relu else y
-
-    def _kernel_step_ok(self, x: torch.Tensor) -> bool:
-        """A training step the fused kernels can take whole (exponential running average)."""
-        return (isinstance(self.momentum, float) and self.track_running_stats and self.affine
-                and native.applies(x) and self._buffers_take(x, self.running_mean, self.running_var))
+        return self._act(super().forward(x))  # PyTorch's kernel: the fused one was no faster for a whole step
 
 
 # ----------------------------------------------------------------------------- chunked BN
@@ -218,7 +211,7 @@ class ChunkedBatchNormFn(torch.autograd.Function):
         return gx, g_weight, g_bias, None, None, None
 
 
-class GhostBatchNorm2d(BatchNorm2d):
+class GhostBatchNorm2d(_KernelBuffers, BatchNorm2d):
     """Ghost BatchNorm (Hoffer, Hubara & Soudry 2017, Sec. 4.1, Alg. 1).
 
     Training: the batch is split into consecutive chunks ("ghost batches") of
@@ -265,15 +258,21 @@ class GhostBatchNorm2d(BatchNorm2d):
             return super().forward(x)
         chunks = self._chunks(x.shape[0], x)
         reject_single_value(x, min(chunks.sizes), self.layer, "Ghost BatchNorm")
-        fast = self._kernel_step_ok(x)
-        if fast and self.running_stats == "per_step":  # everything in the kernel call
+        fast = native.applies(x)
+        if fast and self.running_stats == "per_step" and self._kernel_updates(x):  # all in the kernel call
             update = ("var", self.running_mean, self.running_var, self.momentum)
             return ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None, update, self.relu,
                                             self.num_batches_tracked)[0]
-        fuse = self.relu and native.applies(x)
+        fuse = self.relu and fast
         y, stats = ChunkedBatchNormFn.apply(x, self.weight, self.bias, chunks, self.eps, None, None, fuse)
         self._update_running(stats[0], stats[1], chunks, x.shape[2] * x.shape[3])
-        return y if fuse or not self.relu else F.relu(y, inplace=True)
+        return y if fuse else self._act(y)
+
+    def _kernel_updates(self, x: torch.Tensor) -> bool:
+        """Whether the kernel can do this step's running update (an exponential average of
+        buffers it may write)."""
+        return (isinstance(self.momentum, float) and self.track_running_stats and self.affine
+                and self._buffers_take(x, self.running_mean, self.running_var))
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, chunks: _Chunks, hw: int) -> None:
@@ -304,7 +303,7 @@ def _ramp(progress: float, start: float, end: float) -> float:
     return min(1.0, max(0.0, (progress - start) / (end - start)))
 
 
-class BatchRenorm2d(_KernelBuffers, nn.Module):
+class BatchRenorm2d(_KernelBuffers, TrailingReLU, nn.Module):
     """Batch Renormalization (Ioffe 2017, Alg. 1).
 
     Training: mu_B, sigma_B = sqrt(var_B + eps) over (B, H, W) per channel (biased var);
@@ -332,7 +331,6 @@ class BatchRenorm2d(_KernelBuffers, nn.Module):
                  d_max_epochs: float = 0.0, layer: str = "?", relu: bool = False):
         super().__init__()
         self.relu = relu  # the ReLU that follows, fused into the chunked kernels (applied after otherwise)
-        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
         self.num_features, self.eps, self.momentum, self.layer = channels, eps, momentum, layer
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_epochs, self.r_max_epochs, self.d_max_epochs = warmup_epochs, r_max_epochs, d_max_epochs
@@ -395,9 +393,6 @@ class BatchRenorm2d(_KernelBuffers, nn.Module):
             self.running_std.lerp_((var + self.eps).sqrt().to(self.running_std.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
         return y
-
-    def _act(self, y: torch.Tensor) -> torch.Tensor:
-        return F.relu(y, inplace=True) if self.relu else y
 
     def _forward_kernel(self, x: torch.Tensor):
         """The same maths through PyTorch's BN kernel: r, d from the batch statistics (no

@@ -156,3 +156,19 @@ def mean_sq(x: torch.Tensor) -> torch.Tensor:
     if rows is not None:
         return (rows * rows).mean(1)
     return torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(x.shape[2] * x.shape[3])
+
+
+class TrailingReLU:
+    """Mixin for a norm layer that also applies the ReLU after it (``relu=True``; the fused kernels
+    do it in the same pass, otherwise :meth:`_act` applies it in place). ``dead_floor`` tells
+    normbench.analysis.dead_units where the layer's output counts as dead."""
+
+    relu: bool = False
+
+    @property
+    def dead_floor(self):
+        return 0.0 if self.relu else None
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(y) if self.relu else y
+

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.norms import native
-from normbench.norms.functional import affine_bc, affine_bc_backward, mean_sq, moments, threshold_backward
+from normbench.norms.functional import (TrailingReLU, affine_bc, affine_bc_backward, mean_sq, moments,
+                                        threshold_backward)
 
 FRN_EPS_FLOOR = 1e-6  # learned eps = 1e-6 + |eps_l| (Singh & Krishnan 2019, Sec. 3.2)
 FRN_EPS_L_INIT = 1e-4
@@ -42,7 +43,7 @@ class GroupNormFn(torch.autograd.Function):
             None, None, None
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(TrailingReLU, nn.GroupNorm):
     """GroupNorm (Wu & He 2018, Eq. 1-3 with S_i = the C/G channels of i's group).
 
     mu, sigma^2 over (C/G, H, W) of each sample and group; x_hat = (x - mu) / sqrt(sigma^2 +
@@ -55,7 +56,6 @@ class GroupNorm(nn.GroupNorm):
                  relu: bool = False):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine)
         self.relu = relu
-        self.dead_floor = 0.0 if relu else None  # for normbench.analysis.dead_units
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}"
@@ -63,8 +63,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if native.applies(x):
             return GroupNormFn.apply(x, self.weight, self.bias, self.num_groups, self.eps, self.relu)
-        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.relu(y, inplace=True) if self.relu else y
+        return self._act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 
 class LayerNorm2d(GroupNorm):
