@@ -18,7 +18,7 @@ is vectorized over parameters (``torch._foreach_*`` and one concatenated buffer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -57,13 +57,19 @@ class Clipper:
     def __init__(self, cfg, model: nn.Module):
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # The optimizer's flat gradient buffers (FlatSGD.flat_grads), when it keeps them: the
+        # norm-based and value modes then reduce and scale one tensor per group, not 62.
+        self.grad_source: Optional[Callable[[], Optional[list[torch.Tensor]]]] = None
         device = self.params[0].device
         self._nan = torch.tensor(float("nan"), device=device)
         self._zero = torch.tensor(0.0, device=device)
 
+    def grads(self) -> list[torch.Tensor]:
+        flat = self.grad_source() if self.grad_source is not None else None
+        return flat if flat is not None else grads_of(self.params)
+
     def __call__(self) -> ClipStats:
-        grads = grads_of(self.params)
-        return ClipStats(global_norm(grads), self._nan, self._zero)
+        return ClipStats(global_norm(self.grads()), self._nan, self._zero)
 
     def state_dict(self) -> dict:
         return {}
@@ -80,7 +86,7 @@ class NormClipper(Clipper):
         self.threshold = torch.tensor(float(cfg.max_norm), device=self._zero.device)
 
     def __call__(self) -> ClipStats:
-        grads = grads_of(self.params)
+        grads = self.grads()
         norm = global_norm(grads)
         clipped = clip_by_global_norm_(grads, norm, self.threshold)
         return ClipStats(norm, self.threshold, clipped)
@@ -96,7 +102,7 @@ class ValueClipper(Clipper):
         self.threshold = torch.tensor(self.value, device=self._zero.device)
 
     def __call__(self) -> ClipStats:
-        grads = grads_of(self.params)
+        grads = self.grads()
         norm = global_norm(grads)
         over = torch._foreach_abs(grads)  # |g| - v > 0 exactly where clipped; sign -> 1 / 0
         torch._foreach_sub_(over, self.value)
@@ -138,7 +144,7 @@ class DynamicClipper(Clipper):
         return self.history.sum() * (self.alpha / seen) + self.beta
 
     def __call__(self) -> ClipStats:
-        grads = grads_of(self.params)
+        grads = self.grads()
         norm = global_norm(grads)
         threshold = self.threshold_now()
         if self.step == 0:
@@ -208,7 +214,7 @@ class AGCClipper(Clipper):
         return sq.sqrt_()
 
     def __call__(self) -> ClipStats:
-        norm = global_norm(grads_of(self.params))
+        norm = global_norm(self.grads())
         params = [p for p in self.clip_params if p.grad is not None]
         if not params:
             return ClipStats(norm, self.threshold, self._zero)

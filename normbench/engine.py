@@ -31,6 +31,7 @@ from torch import nn
 
 from normbench.config import RunConfig, dump_config
 from normbench.errors import UserError
+from normbench.flat_sgd import FlatSGD, flattenable
 from normbench.tracking import ReadOnlyRunDir, RunDir, TensorBoardLog, git_commit
 
 INTERRUPT_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -115,8 +116,11 @@ def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Opti
     return "default" if (shutil.which("cc") or shutil.which("gcc")) else None
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (nesterov optional); weight decay optionally skips norms and biases."""
+def build_optimizer(cfg: RunConfig, model: nn.Module, flat: bool = True) -> torch.optim.Optimizer:
+    """SGD with momentum (nesterov optional); weight decay optionally skips norms and biases.
+
+    ``flat``: FlatSGD (normbench.flat_sgd: parameters, gradients and momentum in one flat
+    buffer per group, one fused update) where the parameters allow it; else torch's SGD."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optim.no_decay_norm_bias:
         decay = [p for n, p in params if p.ndim > 1]
@@ -125,8 +129,11 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
                   {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": [p for _, p in params], "weight_decay": cfg.optim.weight_decay}]
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0, **fast_sgd_flags())
+    kwargs = {"lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
+              "nesterov": cfg.optim.nesterov and cfg.optim.momentum > 0}
+    if flat and all(flattenable(g["params"]) for g in groups):
+        return FlatSGD(groups, **kwargs)
+    return torch.optim.SGD(groups, **kwargs, **fast_sgd_flags())
 
 
 def preflight(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
@@ -279,8 +286,9 @@ class Trainer:
             raise UserError(f"train.batch_size: got {cfg.train.batch_size} (global batch {self.global_batch}); "
                             f"the training set has only {len(self.data.train_y)} images")
         self.normalize = Normalizer(self.device, self.channels_last)
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg, self.model, flat=not self.dist.enabled)  # DDP keeps its own buckets
         self.clipper = make_clipper(cfg.clip, self.model)
+        self.clipper.grad_source = getattr(self.optimizer, "flat_grads", None)
         self.steps_per_epoch = len(self.data.train_y) // self.global_batch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if not self.dist.enabled:  # under DDP the step stays eager

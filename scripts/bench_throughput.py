@@ -15,8 +15,10 @@
     augmentation, channels_last where the scheme prefers it, fused SGD, clipping statistics,
     no host sync inside the step, one read per log interval).
 
-Each cell: warm-up excluded, then ``--windows`` timed windows of about ``--seconds`` each;
-the median images/s is reported. The roof: the 3x3 convolutions of ResNet-20 measured in
+Each cell: both loops (and the compile variants) are built and warmed up, then timed in
+``--windows`` rounds; a round runs one window of about ``--seconds`` of each variant, back to
+back, so that the machine's drift over minutes hits both sides alike. Reported: the median
+images/s of each variant and the ratio as the median over rounds of normbench / plain. The roof: the 3x3 convolutions of ResNet-20 measured in
 this run at batch 128 (channels_last, forward) give the CPU's sustained GFLOP/s; a training
 step costs 3x the forward FLOPs (0.242 GFLOP per image in all), so roof img/s =
 GFLOP/s / 0.242. Prints a markdown table and writes JSON.
@@ -48,16 +50,22 @@ from normbench.tracking import RunDir  # noqa: E402
 GFLOP_PER_IMAGE_TRAIN = 0.242  # 40.55 M MACs forward x 2 FLOP x 3 (forward + backward)
 
 
-def timed_windows(step_fn, steps_per_window: int, windows: int, batch: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step_fn()
-    rates = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps_per_window):
+def interleaved_windows(steps: dict, steps_per_window: dict, windows: int, batch: int, warmup: int) -> dict:
+    """Images/s of every variant, timed in round-robin windows (plain, normbench, plain, ...)
+    so that a drift of the machine's speed hits every variant alike; returns per variant the
+    list of window rates."""
+    for step_fn in steps.values():
+        for _ in range(warmup):
             step_fn()
-        rates.append(steps_per_window * batch / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    rates: dict = {name: [] for name in steps}
+    for _ in range(windows):
+        for name, step_fn in steps.items():
+            n = steps_per_window[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step_fn()
+            rates[name].append(n * batch / (time.perf_counter() - t0))
+    return rates
 
 
 def calibrate(step_fn, seconds: float) -> int:
@@ -183,12 +191,15 @@ def main() -> None:
                 for mode in ("none", "default"):
                     forced = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": mode})})
                     variants.append((f"compile={mode}", lambda forced=forced: engine_loop(forced)[0]))
-            for name, make in variants:
-                step = make()
-                n = calibrate(step, args.seconds)
-                result[name] = timed_windows(step, n, args.windows, batch, warmup=2)
-                del step
-            result["ratio"] = result["normbench"] / result["plain"]
+            steps = {name: make() for name, make in variants}
+            per_window = {name: calibrate(step, args.seconds) for name, step in steps.items()}
+            rates = interleaved_windows(steps, per_window, args.windows, batch, warmup=2)
+            del steps
+            for name, r in rates.items():
+                result[name] = statistics.median(r)
+            # the ratio: median over rounds of (normbench / plain) measured back to back
+            result["ratio"] = statistics.median(b / a for a, b in zip(rates["plain"], rates["normbench"]))
+            result["windows"] = {name: [round(v, 1) for v in r] for name, r in rates.items()}
             result["roof_frac"] = result["normbench"] / roof["roof_images_per_s"]
             rows.append(result)
             extra = ""

@@ -6,6 +6,7 @@ import torch
 
 from normbench.config import load_config
 from normbench.models import build_model
+from normbench.norms import available_norms
 
 
 @pytest.mark.parametrize("arch, blocks", [("resnet20", 9), ("resnet32", 15), ("resnet56", 27)])
@@ -30,3 +31,14 @@ def test_width_multiplier_and_no_conv_bias():
 def test_zero_init_last():
     model = build_model(load_config(None, ["norm.zero_init_last=true"]))
     assert all(float(b.norm2.norm.weight.detach().abs().sum()) == 0 for b in model.blocks)
+
+
+@pytest.mark.parametrize("kind", available_norms())
+def test_every_parameter_gets_a_gradient_every_step(kind):
+    """FlatSGD zeroes gradients instead of setting them to None (normbench.flat_sgd), which
+    equals torch's SGD only if every parameter takes part in every step."""
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [f"norm.kind={kind}", "model.width=0.5"]))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing

@@ -46,30 +46,48 @@ def test_packed_gradients_are_each_members_own_in_float64(tiny_cfg, kind):
 
 
 def test_three_seeds_packed_equal_three_alone(tiny_cfg, tmp_path):
-    """End to end in float32. Rounding differs between grouped and plain convolution kernels,
-    and a small-batch BN network amplifies it step by step (measured: max weight difference
-    ~6e-4 on weights of mean magnitude ~0.18 after 10 steps); float64 exactness is shown above."""
+    """End to end in float32, against the rounding floor of training alone.
+
+    Rounding differs between grouped and plain convolution kernels, and a small-batch BN
+    network amplifies it step by step; float64 exactness is shown above. The floor is
+    measured: the same cell alone on 2 threads instead of 1 (other float32 reduction orders,
+    nothing else changed). Measured on the 2-core CPU: up to 4.7e-3 on a weight after the
+    20 steps, and 3 of the 100 test images flip (0.12 -> 0.15), as many as packing moves; a
+    packing bug (a member's batch, gradient or momentum mixed with another's) moves
+    weights by far more."""
     common = {"train.epochs": 2, "clip.mode": "norm", "clip.max_norm": 0.5}
     alone = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "alone")}, **common) for s in range(3)]
+    floor = [tiny_cfg(seed=s, threads=2, **{"log.out_dir": str(tmp_path / "floor")}, **common) for s in range(3)]
     # the packed side also checkpoints at every log flush inside the epochs (unpacking into the
     # members there must not disturb training)
     packed = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "packed"), "log.checkpoint_every_s": 1e-6}, **common)
               for s in range(3)]
     assert len({pack_key(c) for c in packed}) == 1 and why_not_packable(packed[0]) is None
     solo_summaries = [engine.train(c) for c in alone]
+    floor_summaries = [engine.train(c) for c in floor]
     packed_summaries = train_packed(packed)
-    for a, p, ca, cp in zip(solo_summaries, packed_summaries, alone, packed):
+    for a, f, p, ca, cf, cp in zip(solo_summaries, floor_summaries, packed_summaries, alone, floor, packed):
         assert p["status"] == "completed" and p["packed_members"] == 3 and p["steps"] == a["steps"]
-        assert p["final_test_acc"] == pytest.approx(a["final_test_acc"], abs=0.02)
-        wa, wp = RunDir(ca.run_dir()).load_checkpoint()["model"], RunDir(cp.run_dir()).load_checkpoint()["model"]
+        # Near-chance accuracy on 100 images moves by whole images: rounding alone moved 3 of
+        # them (threads 1 -> 2, seed 2, measured); 5 are allowed, the weights and losses below
+        # are held to the measured floor.
+        acc_floor = abs(f["final_test_acc"] - a["final_test_acc"])
+        assert p["final_test_acc"] == pytest.approx(a["final_test_acc"], abs=max(0.05, 2 * acc_floor))
+        wa, wf, wp = (RunDir(c.run_dir()).load_checkpoint()["model"] for c in (ca, cf, cp))
         for name in wa:
-            torch.testing.assert_close(wp[name], wa[name], rtol=1e-2, atol=2e-3, msg=name)
-        ma, mp = RunDir(ca.run_dir()).read_metrics(), RunDir(cp.run_dir()).read_metrics()
-        assert [r["step"] for r in ma] == [r["step"] for r in mp]
-        for ra, rp in zip(ma, mp):
+            if not wa[name].is_floating_point():
+                assert torch.equal(wp[name], wa[name]), name
+                continue
+            diff = (wp[name] - wa[name]).abs().max().item()
+            rounding = (wf[name] - wa[name]).abs().max().item()
+            assert diff <= max(2e-3 + 1e-2 * wa[name].abs().max().item(), 4 * rounding), (name, diff, rounding)
+        ma, mf, mp = (RunDir(c.run_dir()).read_metrics() for c in (ca, cf, cp))
+        assert [r["step"] for r in ma] == [r["step"] for r in mp] == [r["step"] for r in mf]
+        for ra, rf, rp in zip(ma, mf, mp):
             for tag in ("train/loss", "grad/norm", "test/loss"):
                 if tag in ra:
-                    assert rp[tag] == pytest.approx(ra[tag], rel=1e-2, abs=1e-3), tag
+                    rounding = abs(rf[tag] - ra[tag])
+                    assert abs(rp[tag] - ra[tag]) <= max(1e-2 * abs(ra[tag]) + 1e-3, 4 * rounding), tag
     again = train_packed(packed)
     assert all(s.get("skipped") for s in again)
 

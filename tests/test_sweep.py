@@ -282,7 +282,10 @@ def ray_cluster():
         import ray  # noqa: F401
     except ImportError:
         pytest.skip("ray is not installed (pip install -e '.[ray]'): the Ray backend test needs a real cluster")
-    gcs, client, node, objm, agent, agent_grpc, rte, metrics, wmin = _free_ports(9)
+    gcs, client, node, objm, agent, agent_grpc, rte, metrics = fixed = _free_ports(8)
+    # Ray refuses a worker port range [wmin, wmin + 20] that holds one of the other ports (a
+    # collision the kernel's random free ports made once in a full run): pick one that does not.
+    wmin = next(w for w in (_free_ports(1)[0] for _ in range(100)) if not any(w <= f <= w + 20 for f in fixed))
     temp = tempfile.mkdtemp(prefix="nbray", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "2",
            "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--include-dashboard=false",
