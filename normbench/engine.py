@@ -120,7 +120,8 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, flat: bool = True) -> torc
     """SGD with momentum (nesterov optional); weight decay optionally skips norms and biases.
 
     ``flat``: FlatSGD (normbench.flat_sgd: parameters, gradients and momentum in one flat
-    buffer per group, one fused update) where the parameters allow it; else torch's SGD."""
+    buffer per group, one fused update) where the parameters allow it; else torch's SGD.
+    ``NORMBENCH_FLAT_SGD=0`` in the environment turns it off (torch's per-tensor fused SGD)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optim.no_decay_norm_bias:
         decay = [p for n, p in params if p.ndim > 1]
@@ -131,6 +132,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, flat: bool = True) -> torc
         groups = [{"params": [p for _, p in params], "weight_decay": cfg.optim.weight_decay}]
     kwargs = {"lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
               "nesterov": cfg.optim.nesterov and cfg.optim.momentum > 0}
+    flat = flat and os.environ.get("NORMBENCH_FLAT_SGD", "1") != "0"
     if flat and all(flattenable(g["params"]) for g in groups):
         return FlatSGD(groups, **kwargs)
     return torch.optim.SGD(groups, **kwargs, **fast_sgd_flags())

@@ -21,16 +21,21 @@ back, so that the machine's drift over minutes hits both sides alike. Reported: 
 images/s of each variant and the ratio as the median over rounds of normbench / plain. The roof: the 3x3 convolutions of ResNet-20 measured in
 this run at batch 128 (channels_last, forward) give the CPU's sustained GFLOP/s; a training
 step costs 3x the forward FLOPs (0.242 GFLOP per image in all), so roof img/s =
-GFLOP/s / 0.242. Prints a markdown table and writes JSON.
+GFLOP/s / 0.242; it is measured at the start and again at the end, and the fractions in
+the table use the mean of the two. Prints a markdown table and writes JSON.
 
 ``--compare-compile`` also times the engine with ``train.compile`` forced to ``none`` (eager)
 and to ``default`` (torch.compile) in the same run: the measurements behind each scheme's
-``compile_max_batch`` (what ``train.compile: auto`` decides).
+``compile_max_batch`` (what ``train.compile: auto`` decides). ``--compare-optimizer`` also
+times the engine with torch's per-tensor fused SGD (``NORMBENCH_FLAT_SGD=0``) and with
+FlatSGD (normbench.flat_sgd, the default). Ratios between variants are medians over rounds
+of the two windows timed back to back.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -66,6 +71,11 @@ def interleaved_windows(steps: dict, steps_per_window: dict, windows: int, batch
                 step_fn()
             rates[name].append(n * batch / (time.perf_counter() - t0))
     return rates
+
+
+def paired_ratio(rates: dict, base: str, other: str) -> float:
+    """Median over rounds of other / base, each pair timed back to back."""
+    return statistics.median(b / a for a, b in zip(rates[base], rates[other]))
 
 
 def calibrate(step_fn, seconds: float) -> int:
@@ -140,6 +150,19 @@ def engine_loop(cfg):
     return step, trainer
 
 
+def with_env(key: str, value: str, make):
+    """make() with os.environ[key] = value, the previous value restored afterwards."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        return make()
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
 def conv_roof(threads: int) -> dict:
     """Sustained GFLOP/s of ResNet-20's 3x3 convolutions at batch 128, channels_last, forward."""
     torch.set_num_threads(threads)
@@ -172,6 +195,8 @@ def main() -> None:
     ap.add_argument("--json", default="bench_throughput.json")
     ap.add_argument("--compare-compile", action="store_true",
                     help="also time the engine eager (train.compile=none) and compiled (default)")
+    ap.add_argument("--compare-optimizer", action="store_true",
+                    help="also time the engine with torch's per-tensor fused SGD and with FlatSGD")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     roof = conv_roof(args.threads)
@@ -187,6 +212,9 @@ def main() -> None:
             result = {"scheme": scheme, "batch": batch}
             variants = [("plain", lambda: plain_loop(cfg, data.train_x, data.train_y)),
                         ("normbench", lambda: engine_loop(cfg)[0])]
+            if args.compare_optimizer:
+                variants += [("torch_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "0", lambda: engine_loop(cfg)[0])),
+                             ("flat_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "1", lambda: engine_loop(cfg)[0]))]
             if args.compare_compile:
                 for mode in ("none", "default"):
                     forced = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": mode})})
@@ -198,18 +226,30 @@ def main() -> None:
             for name, r in rates.items():
                 result[name] = statistics.median(r)
             # the ratio: median over rounds of (normbench / plain) measured back to back
-            result["ratio"] = statistics.median(b / a for a, b in zip(rates["plain"], rates["normbench"]))
+            result["ratio"] = paired_ratio(rates, "plain", "normbench")
             result["windows"] = {name: [round(v, 1) for v in r] for name, r in rates.items()}
             result["roof_frac"] = result["normbench"] / roof["roof_images_per_s"]
             rows.append(result)
             extra = ""
+            if args.compare_optimizer:
+                result["flat_over_torch_sgd"] = paired_ratio(rates, "torch_sgd", "flat_sgd")
+                extra += (f"; torch SGD {result['torch_sgd']:.0f}, FlatSGD {result['flat_sgd']:.0f} "
+                          f"(x{result['flat_over_torch_sgd']:.3f})")
             if args.compare_compile:
-                extra = (f"; eager {result['compile=none']:.0f}, compiled {result['compile=default']:.0f} "
-                         f"(x{result['compile=default'] / result['compile=none']:.2f})")
+                result["compiled_over_eager"] = paired_ratio(rates, "compile=none", "compile=default")
+                extra += (f"; eager {result['compile=none']:.0f}, compiled {result['compile=default']:.0f} "
+                          f"(x{result['compiled_over_eager']:.2f})")
             print(f"  {scheme} b{batch}: plain {result['plain']:.0f}, normbench {result['normbench']:.0f} img/s "
                   f"(x{result['ratio']:.2f}, {result['roof_frac']:.2f} of roof){extra}", flush=True)
+    # the machine drifts over minutes: the roof again at the end, the fractions against the mean
+    roof_end = conv_roof(args.threads)
+    roof_img = (roof["roof_images_per_s"] + roof_end["roof_images_per_s"]) / 2
+    for r in rows:
+        r["roof_frac"] = r["normbench"] / roof_img
+    print(f"\nconv roof at the end: {roof_end['gflops']:.0f} GFLOP/s -> {roof_end['roof_images_per_s']:.0f} img/s; "
+          f"fractions below use the mean of start and end, {roof_img:.0f} img/s")
     print()
-    print(f"| scheme | batch | plain loop img/s | normbench img/s | ratio | fraction of roof ({roof['roof_images_per_s']:.0f} img/s) |")
+    print(f"| scheme | batch | plain loop img/s | normbench img/s | ratio | fraction of roof ({roof_img:.0f} img/s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scheme']} | {r['batch']} | {r['plain']:.0f} | {r['normbench']:.0f} | {r['ratio']:.2f} | {r['roof_frac']:.2f} |")
@@ -217,9 +257,16 @@ def main() -> None:
         print("\n| scheme | batch | engine eager img/s | engine compiled img/s | compiled / eager |")
         print("|---|---:|---:|---:|---:|")
         for r in rows:
-            eager, comp = r["compile=none"], r["compile=default"]
-            print(f"| {r['scheme']} | {r['batch']} | {eager:.0f} | {comp:.0f} | {comp / eager:.2f} |")
-    Path(args.json).write_text(json.dumps({"roof": roof, "threads": args.threads, "torch": torch.__version__,
+            print(f"| {r['scheme']} | {r['batch']} | {r['compile=none']:.0f} | {r['compile=default']:.0f} "
+                  f"| {r['compiled_over_eager']:.2f} |")
+    if args.compare_optimizer:
+        print("\n| scheme | batch | torch SGD img/s | FlatSGD img/s | FlatSGD / torch SGD |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['scheme']} | {r['batch']} | {r['torch_sgd']:.0f} | {r['flat_sgd']:.0f} "
+                  f"| {r['flat_over_torch_sgd']:.3f} |")
+    Path(args.json).write_text(json.dumps({"roof": roof, "roof_end": roof_end, "roof_images_per_s": roof_img,
+                                           "threads": args.threads, "torch": torch.__version__,
                                            "rows": rows}, indent=1))
     print(f"\nwrote {args.json}")
 
