@@ -91,16 +91,20 @@ def fast_sgd_flags() -> dict:
     return {"fused": True} if "fused" in inspect.signature(torch.optim.SGD).parameters else {"foreach": True}
 
 
-# Below this many steps, compiling (about 40 s on the 2-core CPU) costs more than it saves.
-AUTO_COMPILE_MIN_STEPS = 2000
+# Below this many steps, compiling costs more than it saves. Measured on the 2-core CPU
+# (session 5): compiling ResNet-20 takes 22-31 s (3-12 s when inductor's on-disk cache
+# already holds the graph); it saves ~1.6 ms per step at batch 2 (~16% of 10 ms) and ~2.5 ms
+# at batch 8 (~12% of 21 ms), so it pays from ~10,000-16,000 steps: a one-epoch run at batch
+# 2 (25,000 steps) compiles, one at batch 8 (6,250 steps) does not.
+AUTO_COMPILE_MIN_STEPS = 10_000
 
 
 def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Optional[str]:
     """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
-    was measured to pay (NormScheme.compile_max_batch: FRN up to batch 32, GN up to batch 8;
-    BN, Ghost BN, Batch Renorm, EvoNorm-S0 (with the fused kernels), FRN at 128 and GN from
-    batch 32 were not faster compiled) and
-    only for runs long enough to amortise the compile time, and only when a C compiler is present."""
+    was measured to pay (NormScheme.compile_max_batch, measured per scheme and batch size:
+    e.g. BN up to batch 8, Ghost BN, IN, FRN and the plain net up to 32, Batch Renorm, LN and
+    NF-ResNet at 2 only, EvoNorm-S0 never), only for runs long enough to amortise the compile
+    time (AUTO_COMPILE_MIN_STEPS), and only when a C compiler is present."""
     import shutil
 
     from normbench.norms import get_scheme

@@ -148,19 +148,24 @@ def test_bf16_autocast_trains_with_fp32_norm_statistics(tiny_cfg):
 
 
 def test_auto_compile_only_where_measured_to_pay():
-    """train.compile=auto follows the measurements recorded in the registry (session 4, with the
-    fused kernels): FRN compiled up to batch 32, GN up to 8, everything else eager."""
+    """train.compile=auto follows the measurements recorded in the registry (session 5 with
+    FlatSGD and the fused kernels; gn and frn from session 4) and compiles only runs long
+    enough to amortise the compile time."""
     cpu = torch.device("cpu")
-    frn32, frn128 = (load_config(None, ["norm.kind=frn", f"train.batch_size={b}"]) for b in (32, 128))
-    assert engine.compile_mode(frn32, cpu, total_steps=10_000) == "default"
-    assert engine.compile_mode(frn32, cpu, total_steps=100) is None  # too short to amortise
-    assert engine.compile_mode(frn128, cpu, total_steps=10_000) is None
-    for kind in ("ghost_bn", "brn", "evonorm_s0"):  # measured: eager with the fused kernels is as fast or faster
-        assert engine.compile_mode(load_config(None, [f"norm.kind={kind}", "train.batch_size=8"]), cpu, 10_000) is None
-    gn8, gn32 = (load_config(None, ["norm.kind=gn", f"train.batch_size={b}"]) for b in (8, 32))
-    assert engine.compile_mode(gn8, cpu, 10_000) == "default" and engine.compile_mode(gn32, cpu, 10_000) is None
-    assert engine.compile_mode(load_config(None, ["train.batch_size=2"]), cpu, 10_000) is None  # bn: eager
-    assert engine.compile_mode(load_config(None, ["train.compile=none", "norm.kind=frn"]), cpu, 10_000) is None
+
+    def mode(kind: str, batch: int, steps: int = 50_000, *extra: str):
+        cfg = load_config(None, [f"norm.kind={kind}", f"train.batch_size={batch}", *extra])
+        return engine.compile_mode(cfg, cpu, total_steps=steps)
+
+    compiled_up_to = {"bn": 8, "ghost_bn": 32, "brn": 2, "gn": 8, "ln": 2, "in": 32, "ws_gn": 8, "frn": 32,
+                      "evonorm_s0": 0, "nf": 2, "none": 32}
+    for kind, largest in compiled_up_to.items():
+        for batch in (2, 8, 32, 128):
+            assert mode(kind, batch) == ("default" if batch <= largest else None), (kind, batch)
+    assert mode("bn", 2, engine.AUTO_COMPILE_MIN_STEPS - 1) is None  # too short to amortise
+    assert mode("bn", 2, engine.AUTO_COMPILE_MIN_STEPS) == "default"
+    assert mode("frn", 2, 50_000, "train.compile=none") is None
+    assert mode("bn", 128, 50_000, "train.compile=default") == "default"
 
 
 def test_channels_last_for_the_groupnorm_family_only_with_the_fused_kernels(monkeypatch):

@@ -114,11 +114,23 @@ from normbench.norms import batch, sample, weight  # noqa: E402  (the layers imp
 # frn 11.9/10.9, 419/359; evonorm_s0 11.4/10.4, 407/343; nf 16.3/15.1, 395/344. (Before the
 # kernels, PyTorch's GroupNorm kernel was ~10x slower on channels_last, so gn/ln/in/ws_gn/brn
 # ran NCHW; the kernels have no such penalty and the convolutions are faster in channels_last.)
+# compile_max_batch (what train.compile=auto compiles on CPU, up to that batch size): measured
+# in session 5 with FlatSGD and the fused kernels (eager and compiled engines built side by
+# side, 7 interleaved rounds of 1 s windows, 2 threads; median over rounds of compiled / eager
+# img/s; under compile the layers take their PyTorch path, which inductor fuses):
+#   batch 2:  bn 1.16, ghost_bn 1.18, brn 1.25, ln 1.24, in 1.18, ws_gn 1.51, evonorm_s0 1.07
+#             (medians 188 eager vs 177 compiled: noise), nf 1.28, none 1.10
+#   batch 8:  bn 1.13, ghost_bn 1.10, brn 1.03, ln 1.01, in 1.16, ws_gn 1.12, evonorm_s0 0.97,
+#             nf 0.87, none 1.06
+#   batch 32: bn 1.05, ghost_bn 1.07, in 1.07, ws_gn 0.92, none 1.07
+# A scheme compiles up to the largest measured batch where compiling won at least 5% (and at
+# every smaller one); gn and frn keep their session-4 measurements (see their entries).
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer, relu=act),
                                        None),  # the ReLU is fused into the layer
-    batch_dependent=True, normalizes="(B, H, W) per channel", paper="Ioffe & Szegedy 2015"))
+    batch_dependent=True, normalizes="(B, H, W) per channel", paper="Ioffe & Szegedy 2015",
+    compile_max_batch=8))
 register(NormScheme(
     "ghost_bn",
     lambda cfg, c, act, layer: NormAct(
@@ -126,7 +138,8 @@ register(NormScheme(
                                relu=act),
         None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(b, H, W) per channel, per chunk of ghost_batch_size samples",
-    paper="Hoffer, Hubara & Soudry 2017"))
+    paper="Hoffer, Hubara & Soudry 2017",
+    compile_max_batch=32))
 register(NormScheme(
     "brn",
     lambda cfg, c, act, layer: NormAct(
@@ -135,7 +148,8 @@ register(NormScheme(
         None),  # the ReLU is fused into the layer (normbench.norms.native)
     batch_dependent=True, normalizes="(B, H, W) per channel, corrected by r, d towards the moving statistics",
     paper="Ioffe 2017",
-    channels_last_needs_kernels=True))
+    channels_last_needs_kernels=True,
+    compile_max_batch=2))
 register(NormScheme(
     "gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
@@ -149,12 +163,14 @@ register(NormScheme(
     "ln",
     lambda cfg, c, act, layer: NormAct(sample.LayerNorm2d(c, eps_of(cfg), relu=act), None),
     normalizes="(C, H, W) per sample", paper="Ba, Kiros & Hinton 2016",
-    channels_last_needs_kernels=True))
+    channels_last_needs_kernels=True,
+    compile_max_batch=2))
 register(NormScheme(
     "in",
     lambda cfg, c, act, layer: NormAct(sample.InstanceNorm2d(c, eps_of(cfg), relu=act), None),
     normalizes="(H, W) per sample and channel", paper="Ulyanov, Vedaldi & Lempitsky 2016",
-    channels_last_needs_kernels=True))
+    channels_last_needs_kernels=True,
+    compile_max_batch=32))
 register(NormScheme(
     "ws_gn",
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
@@ -162,7 +178,8 @@ register(NormScheme(
     conv=weight.standardized_conv,
     normalizes="(C/G, H, W) per sample and group; conv weights per output filter over (C_in, kh, kw)",
     paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)",
-    channels_last_needs_kernels=True))
+    channels_last_needs_kernels=True,
+    compile_max_batch=8))
 register(NormScheme(
     "frn",
     # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm
@@ -179,12 +196,13 @@ register(NormScheme(
     paper="Liu, Brock, Simonyan & Le 2020",
     # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
     # compiled / eager img/s 190/179 at batch 2, 357/359 at 8, 481/534 at 32, 544/642 at 128, so
-    # eager (before the kernels compile won 1.15-1.6x). ghost_bn and brn stay eager too.
+    # eager (before the kernels compile won 1.15-1.6x); session 5 agrees (table above).
     compile_max_batch=0))
 register(NormScheme(
     "none",
     lambda cfg, c, act, layer: NormAct(nn.Identity(), _relu_if(act)),
-    normalizes="nothing (identity)", paper="-"))
+    normalizes="nothing (identity)", paper="-",
+    compile_max_batch=32))
 
 from normbench.norms import sync  # noqa: E402
 
@@ -201,6 +219,7 @@ register(NormScheme(
     post_add_act=lambda cfg, c, layer: weight.ScaledReLU(),
     conv=weight.scaled_ws_conv,
     normalizes="nothing: scaled weight standardization + variance-preserving residual scaling",
-    paper="Brock, De & Smith 2021a"))
+    paper="Brock, De & Smith 2021a",
+    compile_max_batch=2))
 
 import normbench.models.nf_resnet  # noqa: E402,F401  (registers ARCH_OVERRIDES["nf"])
