@@ -102,8 +102,8 @@ AUTO_COMPILE_MIN_STEPS = 10_000
 def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Optional[str]:
     """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
     was measured to pay (NormScheme.compile_max_batch, measured per scheme and batch size:
-    e.g. BN up to batch 8, Ghost BN, IN, FRN and the plain net up to 32, Batch Renorm, LN and
-    NF-ResNet at 2 only, EvoNorm-S0 never), only for runs long enough to amortise the compile
+    e.g. BN and WS+GN up to batch 8, Ghost BN, IN, FRN and the plain net up to 32, Batch
+    Renorm, GN, LN and NF-ResNet at 2 only, EvoNorm-S0 never), only for runs long enough to amortise the compile
     time (AUTO_COMPILE_MIN_STEPS), and only when a C compiler is present."""
     import shutil
 

@@ -157,7 +157,7 @@ def test_auto_compile_only_where_measured_to_pay():
         cfg = load_config(None, [f"norm.kind={kind}", f"train.batch_size={batch}", *extra])
         return engine.compile_mode(cfg, cpu, total_steps=steps)
 
-    compiled_up_to = {"bn": 8, "ghost_bn": 32, "brn": 2, "gn": 8, "ln": 2, "in": 32, "ws_gn": 8, "frn": 32,
+    compiled_up_to = {"bn": 8, "ghost_bn": 32, "brn": 2, "gn": 2, "ln": 2, "in": 32, "ws_gn": 8, "frn": 32,
                       "evonorm_s0": 0, "nf": 2, "none": 32}
     for kind, largest in compiled_up_to.items():
         for batch in (2, 8, 32, 128):

@@ -123,8 +123,10 @@ from normbench.norms import batch, sample, weight  # noqa: E402  (the layers imp
 #   batch 8:  bn 1.13, ghost_bn 1.10, brn 1.03, ln 1.01, in 1.16, ws_gn 1.12, evonorm_s0 0.97,
 #             nf 0.87, none 1.06
 #   batch 32: bn 1.05, ghost_bn 1.07, in 1.07, ws_gn 0.92, none 1.07
-# A scheme compiles up to the largest measured batch where compiling won at least 5% (and at
-# every smaller one); gn and frn keep their session-4 measurements (see their entries).
+# (scripts/bench_compile.py measures the same.) A scheme compiles up to the largest batch
+# where compiling won at least 5% in every measurement (and at every smaller one): brn at 8
+# won x1.11 in a second run (scripts/bench_compile.py --schemes frn,gn,brn --batches 2,8),
+# not in the first, so brn compiles at 2 only; gn and frn: see their entries.
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer, relu=act),
@@ -156,8 +158,10 @@ register(NormScheme(
                                        None),  # the ReLU is fused into the layer
     normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018",
     # measured with the fused kernels, channels_last (bench_throughput --compare-compile, session 4):
-    # compiled / eager img/s 194/167 at batch 2, 442/370 at 8, 507/599 at 32, 565/699 at 128
-    compile_max_batch=8,
+    # compiled / eager img/s 194/167 at batch 2, 442/370 at 8, 507/599 at 32, 565/699 at 128;
+    # session 5 with FlatSGD (scripts/bench_compile.py): 186/165 (x1.13) at 2, 422/450 (x0.94)
+    # at 8, so compiled at batch 2 only
+    compile_max_batch=2,
     channels_last_needs_kernels=True))
 register(NormScheme(
     "ln",
@@ -187,7 +191,8 @@ register(NormScheme(
     post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
     # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
-    # compiled / eager img/s 173/158 at batch 2, 401/321 at 8, 639/563 at 32, 573/595 at 128
+    # compiled / eager img/s 173/158 at batch 2, 401/321 at 8, 639/563 at 32, 573/595 at 128;
+    # session 5 with FlatSGD (scripts/bench_compile.py): x1.26 at 2, x1.16 at 8
     default_eps=1e-6, compile_max_batch=32))
 register(NormScheme(
     "evonorm_s0",
