@@ -29,7 +29,9 @@ and to ``default`` (torch.compile) in the same run: the measurements behind each
 ``compile_max_batch`` (what ``train.compile: auto`` decides). ``--compare-optimizer`` also
 times the engine with torch's per-tensor fused SGD (``NORMBENCH_FLAT_SGD=0``) and with
 FlatSGD (normbench.flat_sgd, the default). Ratios between variants are medians over rounds
-of the two windows timed back to back.
+of the two windows timed back to back. ``--side-by-side`` puts all schemes of one batch size in
+the same rounds, so that schemes can be compared with each other (e.g. ``--schemes gn,frn``
+for FRN / GN), not only each with its own plain loop.
 """
 from __future__ import annotations
 
@@ -185,6 +187,42 @@ def conv_roof(threads: int) -> dict:
     return {"gflops_per_shape": per_shape, "gflops": mean, "roof_images_per_s": mean / GFLOP_PER_IMAGE_TRAIN}
 
 
+def variants_for(cfg, args, data) -> list:
+    """(name, factory of a step function) for every loop timed for this config."""
+    variants = [("plain", lambda: plain_loop(cfg, data.train_x, data.train_y)),
+                ("normbench", lambda: engine_loop(cfg)[0])]
+    if args.compare_optimizer:
+        variants += [("torch_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "0", lambda: engine_loop(cfg)[0])),
+                     ("flat_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "1", lambda: engine_loop(cfg)[0]))]
+    if args.compare_compile:
+        for mode in ("none", "default"):
+            forced = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": mode})})
+            variants.append((f"compile={mode}", lambda forced=forced: engine_loop(forced)[0]))
+    return variants
+
+
+def summarize(scheme: str, batch: int, rates: dict, roof: dict, args) -> dict:
+    """One table row from the window rates of one cell's variants; prints its progress line."""
+    result = {"scheme": scheme, "batch": batch}
+    for name, r in rates.items():
+        result[name] = statistics.median(r)
+    result["ratio"] = paired_ratio(rates, "plain", "normbench")
+    result["windows"] = {name: [round(v, 1) for v in r] for name, r in rates.items()}
+    result["roof_frac"] = result["normbench"] / roof["roof_images_per_s"]
+    extra = ""
+    if args.compare_optimizer:
+        result["flat_over_torch_sgd"] = paired_ratio(rates, "torch_sgd", "flat_sgd")
+        extra += (f"; torch SGD {result['torch_sgd']:.0f}, FlatSGD {result['flat_sgd']:.0f} "
+                  f"(x{result['flat_over_torch_sgd']:.3f})")
+    if args.compare_compile:
+        result["compiled_over_eager"] = paired_ratio(rates, "compile=none", "compile=default")
+        extra += (f"; eager {result['compile=none']:.0f}, compiled {result['compile=default']:.0f} "
+                  f"(x{result['compiled_over_eager']:.2f})")
+    print(f"  {scheme} b{batch}: plain {result['plain']:.0f}, normbench {result['normbench']:.0f} img/s "
+          f"(x{result['ratio']:.2f}, {result['roof_frac']:.2f} of roof){extra}", flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="bn,gn,frn")
@@ -197,6 +235,9 @@ def main() -> None:
                     help="also time the engine eager (train.compile=none) and compiled (default)")
     ap.add_argument("--compare-optimizer", action="store_true",
                     help="also time the engine with torch's per-tensor fused SGD and with FlatSGD")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="time all schemes of one batch size in the same interleaved rounds (and print "
+                         "each scheme's engine img/s relative to the first scheme's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     roof = conv_roof(args.threads)
@@ -205,42 +246,31 @@ def main() -> None:
     base = load_config(None, ["device=cpu", f"threads={args.threads}", "log.tensorboard=false"])
     data = load_cifar10(base.data, log=lambda m: None)
     rows = []
-    for scheme in args.schemes.split(","):
-        for batch in [int(b) for b in args.batches.split(",")]:
+    schemes, batches = args.schemes.split(","), [int(b) for b in args.batches.split(",")]
+    # one interleaving group per cell, or (--side-by-side) all schemes of one batch size together
+    groups = ([[(s, b) for s in schemes] for b in batches] if args.side_by_side
+              else [[(s, b)] for s in schemes for b in batches])
+    for group in groups:
+        batch = group[0][1]
+        steps = {}
+        for scheme, _ in group:
             cfg = load_config(None, ["device=cpu", f"threads={args.threads}", f"norm.kind={scheme}",
                                      f"train.batch_size={batch}", "log.tensorboard=false"])
-            result = {"scheme": scheme, "batch": batch}
-            variants = [("plain", lambda: plain_loop(cfg, data.train_x, data.train_y)),
-                        ("normbench", lambda: engine_loop(cfg)[0])]
-            if args.compare_optimizer:
-                variants += [("torch_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "0", lambda: engine_loop(cfg)[0])),
-                             ("flat_sgd", lambda: with_env("NORMBENCH_FLAT_SGD", "1", lambda: engine_loop(cfg)[0]))]
-            if args.compare_compile:
-                for mode in ("none", "default"):
-                    forced = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": mode})})
-                    variants.append((f"compile={mode}", lambda forced=forced: engine_loop(forced)[0]))
-            steps = {name: make() for name, make in variants}
-            per_window = {name: calibrate(step, args.seconds) for name, step in steps.items()}
-            rates = interleaved_windows(steps, per_window, args.windows, batch, warmup=2)
-            del steps
-            for name, r in rates.items():
-                result[name] = statistics.median(r)
-            # the ratio: median over rounds of (normbench / plain) measured back to back
-            result["ratio"] = paired_ratio(rates, "plain", "normbench")
-            result["windows"] = {name: [round(v, 1) for v in r] for name, r in rates.items()}
-            result["roof_frac"] = result["normbench"] / roof["roof_images_per_s"]
-            rows.append(result)
-            extra = ""
-            if args.compare_optimizer:
-                result["flat_over_torch_sgd"] = paired_ratio(rates, "torch_sgd", "flat_sgd")
-                extra += (f"; torch SGD {result['torch_sgd']:.0f}, FlatSGD {result['flat_sgd']:.0f} "
-                          f"(x{result['flat_over_torch_sgd']:.3f})")
-            if args.compare_compile:
-                result["compiled_over_eager"] = paired_ratio(rates, "compile=none", "compile=default")
-                extra += (f"; eager {result['compile=none']:.0f}, compiled {result['compile=default']:.0f} "
-                          f"(x{result['compiled_over_eager']:.2f})")
-            print(f"  {scheme} b{batch}: plain {result['plain']:.0f}, normbench {result['normbench']:.0f} img/s "
-                  f"(x{result['ratio']:.2f}, {result['roof_frac']:.2f} of roof){extra}", flush=True)
+            for name, make in variants_for(cfg, args, data):
+                steps[(scheme, name)] = make()
+        per_window = {key: calibrate(step, args.seconds) for key, step in steps.items()}
+        all_rates = interleaved_windows(steps, per_window, args.windows, batch, warmup=2)
+        del steps
+        for scheme, _ in group:
+            rates = {name: r for (s, name), r in all_rates.items() if s == scheme}
+            rows.append(summarize(scheme, batch, rates, roof, args))
+        if args.side_by_side:
+            first = group[0][0]
+            for scheme, _ in group[1:]:
+                ratio = statistics.median(b / a for a, b in zip(all_rates[(first, "normbench")],
+                                                                all_rates[(scheme, "normbench")]))
+                rows[-len(group) + [s for s, _ in group].index(scheme)][f"normbench_over_{first}"] = ratio
+                print(f"  b{batch}: normbench {scheme} / {first} = {ratio:.2f} (paired rounds)", flush=True)
     # the machine drifts over minutes: the roof again at the end, the fractions against the mean
     roof_end = conv_roof(args.threads)
     roof_img = (roof["roof_images_per_s"] + roof_end["roof_images_per_s"]) / 2
