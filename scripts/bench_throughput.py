@@ -223,6 +223,14 @@ def summarize(scheme: str, batch: int, rates: dict, roof: dict, args) -> dict:
     return result
 
 
+def print_pair_table(rows: list, base: tuple, other: tuple, ratio_key: str) -> None:
+    """Markdown table of two engine variants per cell: (title, key) each, and their paired ratio."""
+    print(f"\n| scheme | batch | {base[0]} img/s | {other[0]} img/s | {other[0]} / {base[0]} |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['scheme']} | {r['batch']} | {r[base[1]]:.0f} | {r[other[1]]:.0f} | {r[ratio_key]:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="bn,gn,frn")
@@ -284,17 +292,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['scheme']} | {r['batch']} | {r['plain']:.0f} | {r['normbench']:.0f} | {r['ratio']:.2f} | {r['roof_frac']:.2f} |")
     if args.compare_compile:
-        print("\n| scheme | batch | engine eager img/s | engine compiled img/s | compiled / eager |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['scheme']} | {r['batch']} | {r['compile=none']:.0f} | {r['compile=default']:.0f} "
-                  f"| {r['compiled_over_eager']:.2f} |")
+        print_pair_table(rows, ("engine eager", "compile=none"), ("engine compiled", "compile=default"),
+                         "compiled_over_eager")
     if args.compare_optimizer:
-        print("\n| scheme | batch | torch SGD img/s | FlatSGD img/s | FlatSGD / torch SGD |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['scheme']} | {r['batch']} | {r['torch_sgd']:.0f} | {r['flat_sgd']:.0f} "
-                  f"| {r['flat_over_torch_sgd']:.3f} |")
+        print_pair_table(rows, ("torch SGD", "torch_sgd"), ("FlatSGD", "flat_sgd"), "flat_over_torch_sgd")
     Path(args.json).write_text(json.dumps({"roof": roof, "roof_end": roof_end, "roof_images_per_s": roof_img,
                                            "threads": args.threads, "torch": torch.__version__,
                                            "rows": rows}, indent=1))
