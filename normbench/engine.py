@@ -103,8 +103,8 @@ def compile_mode(cfg: RunConfig, device: torch.device, total_steps: int) -> Opti
     """torch.compile mode for this run, or None (eager). ``auto`` compiles on CPU only where it
     was measured to pay (NormScheme.compile_max_batch, measured per scheme and batch size:
     e.g. BN and WS+GN up to batch 8, Ghost BN, IN, FRN and the plain net up to 32, Batch
-    Renorm, GN, LN and NF-ResNet at 2 only, EvoNorm-S0 never), only for runs long enough to amortise the compile
-    time (AUTO_COMPILE_MIN_STEPS), and only when a C compiler is present."""
+    Renorm, GN, LN and NF-ResNet at 2 only, EvoNorm-S0 never), only for runs long enough to
+    amortise the compile time (AUTO_COMPILE_MIN_STEPS), and only when a C compiler is present."""
     import shutil
 
     from normbench.norms import get_scheme
