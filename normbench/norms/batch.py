@@ -28,10 +28,21 @@ def reject_single_value(x: torch.Tensor, per_stat_samples: int, layer: str, what
                         "use a larger batch or a per-sample norm (gn, ln, frn)")
 
 
-class _KernelBuffers:
-    """Whether the fused kernels may update a layer's running statistics in place for input x:
-    buffers of x's dtype, contiguous, one value per channel; cached per (dtype, channels, buffer
-    addresses), since it is asked every step."""
+class _ChunkedLayer:
+    """Per-step caches of the layers that run ChunkedBatchNormFn: the chunk layout for a batch
+    (``_chunk_sizes`` says how a batch splits), and whether the fused kernels may update the
+    running statistics in place (buffers of x's dtype, contiguous, one value per channel)."""
+
+    def _chunk_sizes(self, batch: int) -> list[int]:
+        raise NotImplementedError
+
+    def _chunks(self, x: torch.Tensor) -> "_Chunks":
+        cache = self.__dict__.setdefault("_chunks_cache", {})
+        key = (x.shape[0], x.device, x.dtype)
+        chunks = cache.get(key)
+        if chunks is None:
+            chunks = cache[key] = _Chunks(self._chunk_sizes(x.shape[0]), x.device, x.dtype)
+        return chunks
 
     def _buffers_take(self, x: torch.Tensor, *buffers: torch.Tensor) -> bool:
         key = (x.dtype, x.shape[1]) + tuple(b.data_ptr() for b in buffers)
@@ -39,13 +50,6 @@ class _KernelBuffers:
             self._buffers_key = key
             self._buffers_ok = all(native.can_update_in_place(b, x) for b in buffers)
         return self._buffers_ok
-
-    def _one_chunk_of(self, x: torch.Tensor) -> "_Chunks":
-        chunks = getattr(self, "_one_chunk", None)
-        if chunks is None or chunks.sizes[0] != x.shape[0] or chunks.member.device != x.device \
-                or chunks.member.dtype != x.dtype:
-            chunks = self._one_chunk = _Chunks([x.shape[0]], x.device, x.dtype)
-        return chunks
 
 
 class BatchNorm2d(TrailingReLU, nn.BatchNorm2d):
@@ -211,7 +215,7 @@ class ChunkedBatchNormFn(torch.autograd.Function):
         return gx, g_weight, g_bias, None, None, None
 
 
-class GhostBatchNorm2d(_KernelBuffers, BatchNorm2d):
+class GhostBatchNorm2d(_ChunkedLayer, BatchNorm2d):
     """Ghost BatchNorm (Hoffer, Hubara & Soudry 2017, Sec. 4.1, Alg. 1).
 
     Training: the batch is split into consecutive chunks ("ghost batches") of
@@ -238,25 +242,19 @@ class GhostBatchNorm2d(_KernelBuffers, BatchNorm2d):
         self.ghost_batch_size = int(ghost_batch_size)
         self.running_stats = running_stats
         self.layer = layer
-        self._chunks_cache: dict = {}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}, running_stats={self.running_stats}"
 
-    def _chunks(self, batch: int, x: torch.Tensor) -> _Chunks:
-        key = (batch, x.device, x.dtype)
-        chunks = self._chunks_cache.get(key)
-        if chunks is None:
-            chunks = _Chunks(ghost_chunk_sizes(batch, self.ghost_batch_size), x.device, x.dtype)
-            self._chunks_cache[key] = chunks
-        return chunks
+    def _chunk_sizes(self, batch: int) -> list[int]:
+        return ghost_chunk_sizes(batch, self.ghost_batch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.shape[0] <= self.ghost_batch_size:  # one chunk: exactly BatchNorm
             if self.training:
                 reject_single_value(x, x.shape[0], self.layer, "Ghost BatchNorm")
             return super().forward(x)
-        chunks = self._chunks(x.shape[0], x)
+        chunks = self._chunks(x)
         reject_single_value(x, min(chunks.sizes), self.layer, "Ghost BatchNorm")
         fast = native.applies(x)
         if fast and self.running_stats == "per_step" and self._kernel_updates(x):  # all in the kernel call
@@ -303,7 +301,7 @@ def _ramp(progress: float, start: float, end: float) -> float:
     return min(1.0, max(0.0, (progress - start) / (end - start)))
 
 
-class BatchRenorm2d(_KernelBuffers, TrailingReLU, nn.Module):
+class BatchRenorm2d(_ChunkedLayer, TrailingReLU, nn.Module):
     """Batch Renormalization (Ioffe 2017, Alg. 1).
 
     Training: mu_B, sigma_B = sqrt(var_B + eps) over (B, H, W) per channel (biased var);
@@ -359,6 +357,9 @@ class BatchRenorm2d(_KernelBuffers, TrailingReLU, nn.Module):
         self.r_limit.fill_(r)
         self.d_limit.fill_(d)
 
+    def _chunk_sizes(self, batch: int) -> list[int]:
+        return [batch]  # one chunk: the whole batch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self._act(F.batch_norm(x, self.running_mean, self.running_std.square(), self.weight, self.bias,
@@ -376,7 +377,7 @@ class BatchRenorm2d(_KernelBuffers, TrailingReLU, nn.Module):
             y, mean, var = self._forward_kernel(x)
             y = self._act(y)
         else:
-            chunks = self._one_chunk_of(x)
+            chunks = self._chunks(x)
             renorm = (self.running_mean, self.running_std, self.r_limit, self.d_limit)
             in_place = fast and self._buffers_take(x, self.running_mean, self.running_std)
             fuse = self.relu and fast
