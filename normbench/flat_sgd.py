@@ -82,9 +82,9 @@ class FlatSGD(torch.optim.SGD):
 
     # -- gradient bindings ---------------------------------------------------------------
     def flat_grads(self) -> Optional[list[torch.Tensor]]:
-        """The flat gradient buffers (one per group) while every p.grad is its view, else None."""
-        bound = all(p.grad is view for fg in self.flat_groups for p, view in zip(fg.params, fg.grad_views))
-        return [fg.grad for fg in self.flat_groups] if bound else None
+        """The flat gradient buffers (one per group), replaced gradients copied back into them;
+        None if some gradient is None."""
+        return [fg.grad for fg in self.flat_groups] if self._rebind_grads() else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 (always zeroed in place)
         for fg in self.flat_groups:

@@ -122,7 +122,7 @@ from normbench.norms import batch, sample, weight  # noqa: E402  (the layers imp
 #             (medians 188 eager vs 177 compiled: noise), nf 1.28, none 1.10
 #   batch 8:  bn 1.13, ghost_bn 1.10, brn 1.03, ln 1.01, in 1.16, ws_gn 1.12, evonorm_s0 0.97,
 #             nf 0.87, none 1.06
-#   batch 32: bn 1.05, ghost_bn 1.07, in 1.07, ws_gn 0.92, none 1.07
+#   batch 32: bn 1.046, ghost_bn 1.07, in 1.07, ws_gn 0.92, none 1.07
 # (scripts/bench_compile.py measures the same.) A scheme compiles up to the largest batch
 # where compiling won at least 5% in every measurement (and at every smaller one): brn at 8
 # won x1.11 in a second run (scripts/bench_compile.py --schemes frn,gn,brn --batches 2,8),
