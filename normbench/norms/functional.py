@@ -10,7 +10,7 @@ PyTorch's fused per-channel kernels, always at the granularity of one (sample, c
 plane, with cross-sample combinations done on tiny (B, C) tensors:
 
 * :func:`moments`: mean and rstd over (C/G, H, W) of each sample and group via the GroupNorm
-  kernel (G = C gives per-(sample, channel) moments; numerically stable);
+  kernel on NCHW tensors (G = C gives per-(sample, channel) moments; numerically stable there);
 * :func:`affine_bc`: ``x * a / sqrt(var + eps) + b`` with a, b, var per (sample, channel),
   via the inference-mode BatchNorm kernel on the (1, B*C, H, W) view of x (running mean 0,
   running var ``var`` or 1);
@@ -72,15 +72,32 @@ def _empty_nhwc(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def moments(x: torch.Tensor, groups: Optional[int] = None, eps: float = 0.0):
     """(mean, rstd) over (C/G, H, W) per sample and group, each (B, G); biased variance,
     rstd = 1 / sqrt(var + eps). ``groups=None``: G = C. With eps = 0, var = rstd ** -2
-    (an all-constant plane gives rstd = inf and var = 0 exactly)."""
+    (an all-constant plane gives rstd = inf and var = 0 exactly).
+
+    Every path is stable against a large mean: PyTorch's GroupNorm kernel only on NCHW CPU
+    tensors (on channels_last input it takes E[x^2] - mean^2 in float32, measured 1e-2 off at a
+    mean of 100 std), a corrected two-pass over the rows of channels_last ones, ``var_mean``
+    elsewhere."""
     b, c = x.shape[0], x.shape[1]
     g = c if groups is None else groups
-    rows = nhwc_rows(x) if g == c else None
-    if rows is not None:  # two passes over contiguous rows: mean, then mean squared deviation
+    rows = nhwc_rows(x)
+    if rows is not None:
+        # two passes over contiguous rows (mean, then deviations d from it), plus the mean of d:
+        # the float32 sum over H*W rows leaves the first mean ~10 ulps off, which r repairs
         mean = rows.mean(1, keepdim=True)
-        var = (rows - mean).square_().mean(1)
-        return mean.view(b, c), torch.rsqrt(var + eps)
-    if x.device.type == "cpu" and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        d = rows - mean
+        r = d.mean(1)
+        var = d.square_().mean(1).sub_(r.square())
+        if g == c:
+            return mean.view(b, c).add(r), torch.rsqrt(var.clamp_(min=0.0).add_(eps))
+        # groups: Chan et al.'s parallel variance over each group's channels, in float64 (tiny
+        # (B, C) tensors; in float32, mean_c - mean_g would carry the rounding of a large mean)
+        m = (mean.view(b, c).double() + r).view(b, g, c // g)
+        v = var.double().view(b, g, c // g)
+        mg = m.mean(2, keepdim=True)
+        vg = (v + (m - mg).square_()).mean(2).clamp_(min=0.0)
+        return mg.view(b, g).to(x.dtype), torch.rsqrt(vg + eps).to(x.dtype)
+    if x.device.type == "cpu" and x.is_contiguous():
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, x.shape[2] * x.shape[3], g, eps)
         return mean, rstd
     var, mean = torch.var_mean(x.reshape(b, g, -1), dim=-1, unbiased=False)

@@ -6,13 +6,22 @@
 // per-channel arrays of C values. One pass over the big tensor per kernel; the loops are ordered
 // so the innermost one runs along contiguous memory and vectorizes (#pragma omp simd); the outer
 // loop is split over OpenMP threads (the process's pool: torch's libgomp, sized by
-// torch.set_num_threads). Sums are accumulated in double.
+// torch.set_num_threads). Sums are accumulated in double (the NHWC gradient sums and FRN's mean
+// square: in T over blocks of kRowBlock rows, then in double).
+//
+// Variances never come from raw sums of squares, which cancel catastrophically once a plane's
+// mean is large against its spread (E[x^2] - mean^2 over float partial sums loses 1e-4 of the
+// variance at a mean of 10 std, 1e-2 at 100 std): the moments are shifted sums, sum (x - k) and
+// sum (x - k)^2 with k the plane's first element, so their accuracy does not depend on the offset
+// (and a constant plane gives a variance of exactly 0); gradient sums that feed a centred
+// quantity (sum g' x_hat) are taken about the centre, sum g' (x - centre), for the same reason.
 //
 // Kernels (T = float or double; "g'" is g where z > tau, 0 elsewhere, when z and tau are given,
 // else g):
 //   bc_moments   mean[b,c], var[b,c] = mean and biased variance over s of x
 //   bc_affine    y = A[b,c] x + K[b,c], then max(y, tau[c]) when tau is given
-//   bc_grad_sums sg[b,c] = sum_s g', sgx[b,c] = sum_s g' x, sgraw[b,c] = sum_s g (optional)
+//   bc_grad_sums sg[b,c] = sum_s g', sgx[b,c] = sum_s g' (x - m[b,c]) (m = 0 when not given),
+//                sgraw[b,c] = sum_s g (optional)
 //   bc_grad_out  gx = A[b,c] g' + K1[b,c] x + K0[b,c]
 //   evo_forward  s = sigmoid(v[c] x) (stored for backward), z = x s A[b,c] + beta[c]
 //   evo_grad_sums sgq[b,c] = sum_s g x s, sg[b,c] = sum_s g, sgv[b,c] = sum_s g x^2 s (1 - s)
@@ -51,21 +60,21 @@ inline double exp_approx(double x) { return std::exp(x); }
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + exp_approx(-x)); }
 
-// NHWC reductions: three sums per channel over the S rows of one sample b, accumulated in T over
-// blocks of kRowBlock rows and in double across blocks. Channels go in blocks of kLanes with
-// fixed-size accumulators (they stay in vector registers); a channel count that kLanes does not
-// divide takes the same loop with accumulators in memory. term(i, c, t1, t2, t3) adds element i
-// (channel c) to the three sums.
+// NHWC reductions: three sums per channel over the S rows of one sample b, accumulated in Acc (T
+// unless the caller asks for double) over blocks of kRowBlock rows and in double across blocks.
+// Channels go in blocks of kLanes with fixed-size accumulators (they stay in vector registers); a
+// channel count that kLanes does not divide takes the same loop with accumulators in memory.
+// term(i, c, t1, t2, t3) adds element i (channel c) to the three sums.
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kLanes = 16;
 
-template <typename T, typename Term>
+template <typename T, typename Acc = T, typename Term>
 inline void nhwc_sums(int64_t b, int64_t C, int64_t S, Term term, double* o1, double* o2, double* o3) {
     if (C % kLanes == 0) {
         for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
             double d1[kLanes] = {}, d2[kLanes] = {}, d3[kLanes] = {};
             for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
-                T t1[kLanes] = {}, t2[kLanes] = {}, t3[kLanes] = {};
+                Acc t1[kLanes] = {}, t2[kLanes] = {}, t3[kLanes] = {};
                 const int64_t s1 = std::min(S, s0 + kRowBlock);
                 for (int64_t s = s0; s < s1; ++s) {
                     const int64_t o = (b * S + s) * C + c0;
@@ -86,14 +95,14 @@ inline void nhwc_sums(int64_t b, int64_t C, int64_t S, Term term, double* o1, do
         }
         return;
     }
-    std::vector<T> t1(C), t2(C), t3(C);
+    std::vector<Acc> t1(C), t2(C), t3(C);
     std::fill(o1, o1 + C, 0.0);
     std::fill(o2, o2 + C, 0.0);
     std::fill(o3, o3 + C, 0.0);
     for (int64_t s0 = 0; s0 < S; s0 += kRowBlock) {
-        std::fill(t1.begin(), t1.end(), T(0));
-        std::fill(t2.begin(), t2.end(), T(0));
-        std::fill(t3.begin(), t3.end(), T(0));
+        std::fill(t1.begin(), t1.end(), Acc(0));
+        std::fill(t2.begin(), t2.end(), Acc(0));
+        std::fill(t3.begin(), t3.end(), Acc(0));
         for (int64_t s = s0; s < std::min(S, s0 + kRowBlock); ++s) {
             const int64_t o = (b * S + s) * C;
             for (int64_t c = 0; c < C; ++c) term(o + c, c, t1[c], t2[c], t3[c]);
@@ -124,42 +133,84 @@ inline void nhwc_rows(int64_t B, int64_t C, int64_t S, F f) {
     }
 }
 
+// Per-(b, c) mean and biased variance, in double, from sums shifted by the plane's first element k
+// (x[b, 0, c]): with d = x - k, mean = k + E[d], var = E[d^2] - E[d]^2, the sums in double in both
+// layouts. In NHWC that costs about a third more time in this pass than float partial sums, which
+// lose up to 2e-5 of the variance when k is an outlier (6 std out: the cancellation left is
+// 1 + (mean - k)^2 / var, which does not depend on the offset and is harmless in double).
 template <typename T>
-void bc_moments(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, T* mean, T* var) {
+void bc_moments_acc(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, double* mean, double* var) {
     const double inv_n = 1.0 / static_cast<double>(S);
     if (nhwc) {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t b = 0; b < B; ++b) {
             std::vector<double> acc(3 * C);
             double *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
-            nhwc_sums<T>(b, C, S, [x](int64_t i, int64_t, T& t1, T& t2, T&) {
-                const T v = x[i];
-                t1 += v;
-                t2 += v * v;
+            const T* k = x + b * S * C;  // the sample's first row: one shift per channel
+            nhwc_sums<T, double>(b, C, S, [x, k](int64_t i, int64_t c, double& t1, double& t2, double&) {
+                const double d = x[i] - k[c];  // exact in T for x near k; its square exact in double
+                t1 += d;
+                t2 += d * d;
             }, a1, a2, a3);
             for (int64_t c = 0; c < C; ++c) {
-                double m = a1[c] * inv_n;
-                double q = a2[c] * inv_n - m * m;
-                mean[b * C + c] = static_cast<T>(m);
-                var[b * C + c] = static_cast<T>(q > 0.0 ? q : 0.0);
+                const double md = a1[c] * inv_n;
+                const double q = a2[c] * inv_n - md * md;
+                mean[b * C + c] = static_cast<double>(k[c]) + md;
+                var[b * C + c] = q > 0.0 ? q : 0.0;
             }
         }
     } else {
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t bc = 0; bc < B * C; ++bc) {
             const T* p = x + bc * S;
+            const double k = p[0];
             double a1 = 0.0, a2 = 0.0;
 #pragma omp simd reduction(+ : a1, a2)
             for (int64_t s = 0; s < S; ++s) {
-                double v = p[s];
-                a1 += v;
-                a2 += v * v;
+                const double d = static_cast<double>(p[s]) - k;
+                a1 += d;
+                a2 += d * d;
             }
-            double m = a1 * inv_n;
-            double q = a2 * inv_n - m * m;
-            mean[bc] = static_cast<T>(m);
-            var[bc] = static_cast<T>(q > 0.0 ? q : 0.0);
+            const double md = a1 * inv_n;
+            const double q = a2 * inv_n - md * md;
+            mean[bc] = k + md;
+            var[bc] = q > 0.0 ? q : 0.0;
         }
+    }
+}
+
+// Per-(b, c) mean of x^2 (FRN's nu^2): a sum of non-negative terms, which has no cancellation, so
+// the NHWC loop keeps T partial sums (relative error below kRowBlock ulps, about 1e-7 typically).
+template <typename T>
+void bc_mean_sq(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, double* nu2) {
+    const double inv_n = 1.0 / static_cast<double>(S);
+    if (nhwc) {
+#pragma omp parallel for if (B * C * S >= kParallelMin)
+        for (int64_t b = 0; b < B; ++b) {
+            std::vector<double> acc(3 * C);
+            double *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
+            nhwc_sums<T>(b, C, S, [x](int64_t i, int64_t, T& t1, T&, T&) { t1 += x[i] * x[i]; }, a1, a2, a3);
+            for (int64_t c = 0; c < C; ++c) nu2[b * C + c] = a1[c] * inv_n;
+        }
+    } else {
+#pragma omp parallel for if (B * C * S >= kParallelMin)
+        for (int64_t bc = 0; bc < B * C; ++bc) {
+            const T* p = x + bc * S;
+            double a1 = 0.0;
+#pragma omp simd reduction(+ : a1)
+            for (int64_t s = 0; s < S; ++s) a1 += static_cast<double>(p[s]) * p[s];
+            nu2[bc] = a1 * inv_n;
+        }
+    }
+}
+
+template <typename T>
+void bc_moments(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, T* mean, T* var) {
+    std::vector<double> m(B * C), q(B * C);
+    bc_moments_acc<T>(x, B, C, S, nhwc, m.data(), q.data());
+    for (int64_t i = 0; i < B * C; ++i) {
+        mean[i] = static_cast<T>(m[i]);
+        var[i] = static_cast<T>(q[i]);
     }
 }
 
@@ -204,27 +255,31 @@ void bc_affine(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* 
     }
 }
 
+// sgx is taken about a per-(b, c) centre m when given (sum g' (x - m)): a layer that needs
+// sum g' (x - mean) gets it without the cancellation of sum g' x - mean sum g'.
 template <typename T>
-void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, int64_t C, int64_t S, bool nhwc,
-                  T* sg, T* sgx, T* sgraw) {
+void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, const T* center, int64_t B, int64_t C, int64_t S,
+                  bool nhwc, T* sg, T* sgx, T* sgraw) {
     if (nhwc) {
+        const std::vector<T> zero(center ? 0 : C, T(0));
 #pragma omp parallel for if (B * C * S >= kParallelMin)
         for (int64_t b = 0; b < B; ++b) {
             std::vector<double> acc(3 * C);
             double *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
+            const T* m = center ? center + b * C : zero.data();
             if (z)
-                nhwc_sums<T>(b, C, S, [g, x, z, tau](int64_t i, int64_t c, T& t1, T& t2, T& t3) {
+                nhwc_sums<T>(b, C, S, [g, x, z, tau, m](int64_t i, int64_t c, T& t1, T& t2, T& t3) {
                     const T gv = g[i];
                     const T gm = z[i] > tau[c] ? gv : T(0);
                     t1 += gm;
-                    t2 += gm * x[i];
+                    t2 += gm * (x[i] - m[c]);
                     t3 += gv;
                 }, a1, a2, a3);
             else
-                nhwc_sums<T>(b, C, S, [g, x](int64_t i, int64_t, T& t1, T& t2, T&) {
+                nhwc_sums<T>(b, C, S, [g, x, m](int64_t i, int64_t c, T& t1, T& t2, T&) {
                     const T gv = g[i];
                     t1 += gv;
-                    t2 += gv * x[i];
+                    t2 += gv * (x[i] - m[c]);
                 }, a1, a2, a3);
             if (!z)
                 for (int64_t c = 0; c < C; ++c) a3[c] = a1[c];
@@ -242,6 +297,7 @@ void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
             const T* xp = x + bc * S;
             const T* zp = z ? z + bc * S : nullptr;
             const T t = tau ? tau[c] : T(0);
+            const double m = center ? static_cast<double>(center[bc]) : 0.0;
             double a1 = 0.0, a2 = 0.0, a3 = 0.0;
             if (zp) {
 #pragma omp simd reduction(+ : a1, a2, a3)
@@ -249,7 +305,7 @@ void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
                     double gv = gp[s];
                     double gm = zp[s] > t ? gv : 0.0;
                     a1 += gm;
-                    a2 += gm * static_cast<double>(xp[s]);
+                    a2 += gm * (static_cast<double>(xp[s]) - m);
                     a3 += gv;
                 }
             } else {
@@ -257,7 +313,7 @@ void bc_grad_sums(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
                 for (int64_t s = 0; s < S; ++s) {
                     double gv = gp[s];
                     a1 += gv;
-                    a2 += gv * static_cast<double>(xp[s]);
+                    a2 += gv * (static_cast<double>(xp[s]) - m);
                 }
                 a3 = a1;
             }
@@ -430,12 +486,12 @@ void evo_grad_out(const T* g, const T* x, const T* sig, int64_t B, int64_t C, in
 template <typename T>
 void frn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* gamma, const T* beta, const T* tau,
                  double eps, T* inv, T* z) {
-    std::vector<T> mean(B * C), var(B * C), a(B * C), k(B * C);
-    bc_moments<T>(x, B, C, S, nhwc, mean.data(), var.data());
+    std::vector<double> nu2(B * C);
+    std::vector<T> a(B * C), k(B * C);
+    bc_mean_sq<T>(x, B, C, S, nhwc, nu2.data());
     for (int64_t i = 0; i < B * C; ++i) {
         const int64_t c = i % C;
-        const double nu2 = static_cast<double>(var[i]) + static_cast<double>(mean[i]) * mean[i];
-        inv[i] = static_cast<T>(1.0 / std::sqrt(nu2 + eps));
+        inv[i] = static_cast<T>(1.0 / std::sqrt(nu2[i] + eps));
         a[i] = gamma[c] * inv[i];
         k[i] = beta[c];
     }
@@ -449,7 +505,7 @@ template <typename T>
 void frn_backward(const T* g, const T* x, const T* z, const T* tau, int64_t B, int64_t C, int64_t S, bool nhwc,
                   const T* gamma, const T* inv, T* gx, T* dgamma, T* dbeta, T* dtau, T* kout) {
     std::vector<T> sg(B * C), sgx(B * C), sgraw(B * C), a(B * C), k1(B * C), k0(B * C, T(0));
-    bc_grad_sums<T>(g, x, z, tau, B, C, S, nhwc, sg.data(), sgx.data(), sgraw.data());
+    bc_grad_sums<T>(g, x, z, tau, nullptr, B, C, S, nhwc, sg.data(), sgx.data(), sgraw.data());
     std::vector<double> dg(C, 0.0), db(C, 0.0), dt(C, 0.0);
     for (int64_t i = 0; i < B * C; ++i) {
         const int64_t c = i % C;
@@ -472,9 +528,11 @@ void frn_backward(const T* g, const T* x, const T* z, const T* tau, int64_t B, i
 }
 
 // Group moments from per-(b, c) moments m (mean), q (biased variance) (Chan et al.'s parallel
-// variance over the C/G channels of each group): mean_g[b,g], rstd_g[b,g] = 1 / sqrt(var_g + eps).
+// variance over the C/G channels of each group): mean_g[b,g], rstd_g[b,g] = 1 / sqrt(var_g + eps);
+// mu (optional): the group means unrounded, for the forward's affine constants.
 template <typename T>
-void group_moments(const T* m, const T* q, int64_t B, int64_t C, int64_t G, double eps, T* mean_g, T* rstd_g) {
+void group_moments(const double* m, const double* q, int64_t B, int64_t C, int64_t G, double eps, T* mean_g, T* rstd_g,
+                   double* mu_out = nullptr) {
     const int64_t per = C / G;
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t base = (bg / G) * C + (bg % G) * per;
@@ -488,6 +546,7 @@ void group_moments(const T* m, const T* q, int64_t B, int64_t C, int64_t G, doub
         var /= static_cast<double>(per);
         mean_g[bg] = static_cast<T>(mu);
         rstd_g[bg] = static_cast<T>(1.0 / std::sqrt(var + eps));
+        if (mu_out) mu_out[bg] = mu;
     }
 }
 
@@ -498,8 +557,9 @@ template <typename T>
 void evo_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* v, const T* gamma,
                       const T* beta, int64_t G, double eps, T* mean_g, T* rstd_g, T* z, T* sig) {
     const int64_t per = C / G;
-    std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
-    bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
+    std::vector<double> m(B * C), q(B * C);
+    std::vector<T> a(B * C), k(B * C);
+    bc_moments_acc<T>(x, B, C, S, nhwc, m.data(), q.data());
     group_moments<T>(m.data(), q.data(), B, C, G, eps, mean_g, rstd_g);
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
@@ -527,7 +587,7 @@ void evo_backward_full(const T* g, const T* x, const T* sig, int64_t B, int64_t 
     if (v)
         evo_grad_sums<T>(g, x, sig, B, C, S, nhwc, sgq.data(), sg.data(), sgv.data());
     else
-        bc_grad_sums<T>(g, x, nullptr, nullptr, B, C, S, nhwc, sg.data(), sgq.data(), nullptr);
+        bc_grad_sums<T>(g, x, nullptr, nullptr, nullptr, B, C, S, nhwc, sg.data(), sgq.data(), nullptr);
     std::vector<double> dvv(C, 0.0), dgg(C, 0.0), dbb(C, 0.0);
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
@@ -565,12 +625,13 @@ template <typename T>
 void gn_forward_full(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T* gamma, const T* beta,
                      int64_t G, double eps, bool relu, T* mean_g, T* rstd_g, T* y) {
     const int64_t per = C / G;
-    std::vector<T> m(B * C), q(B * C), a(B * C), k(B * C);
-    bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
-    group_moments<T>(m.data(), q.data(), B, C, G, eps, mean_g, rstd_g);
+    std::vector<double> m(B * C), q(B * C), mu_g(B * G);
+    std::vector<T> a(B * C), k(B * C);
+    bc_moments_acc<T>(x, B, C, S, nhwc, m.data(), q.data());
+    group_moments<T>(m.data(), q.data(), B, C, G, eps, mean_g, rstd_g, mu_g.data());
     for (int64_t bg = 0; bg < B * G; ++bg) {
         const int64_t c0 = (bg % G) * per, base = (bg / G) * C + c0;
-        const double mu = mean_g[bg], rs = rstd_g[bg];
+        const double mu = mu_g[bg], rs = rstd_g[bg];
         for (int64_t j = 0; j < per; ++j) {
             const double aj = (gamma ? static_cast<double>(gamma[c0 + j]) : 1.0) * rs;
             a[base + j] = static_cast<T>(aj);
@@ -588,9 +649,10 @@ template <typename T>
 void gn_backward_full(const T* g, const T* x, const T* y, int64_t B, int64_t C, int64_t S, bool nhwc,
                       const T* gamma, int64_t G, const T* mean_g, const T* rstd_g, T* gx, T* dgamma, T* dbeta) {
     const int64_t per = C / G;
-    std::vector<T> sg(B * C), sgx(B * C), a(B * C), k1(B * C), k0(B * C), floor(y ? C : 0, T(0));
+    std::vector<T> sg(B * C), sgx(B * C), a(B * C), k1(B * C), k0(B * C), cen(B * C), floor(y ? C : 0, T(0));
     const T* fl = y ? floor.data() : nullptr;
-    bc_grad_sums<T>(g, x, y, fl, B, C, S, nhwc, sg.data(), sgx.data(), nullptr);
+    for (int64_t i = 0; i < B * C; ++i) cen[i] = mean_g[(i / C) * G + (i % C) / per];
+    bc_grad_sums<T>(g, x, y, fl, cen.data(), B, C, S, nhwc, sg.data(), sgx.data(), nullptr);  // sgx about mu_g
     std::vector<double> dgg(C, 0.0), dbb(C, 0.0);
     const double n = static_cast<double>(per * S);
     for (int64_t bg = 0; bg < B * G; ++bg) {
@@ -600,7 +662,7 @@ void gn_backward_full(const T* g, const T* x, const T* y, int64_t B, int64_t C, 
         for (int64_t j = 0; j < per; ++j) {
             const int64_t i = base + j, c = c0 + j;
             const double gm = gamma ? static_cast<double>(gamma[c]) : 1.0;
-            const double sgxh = (static_cast<double>(sgx[i]) - mu * sg[i]) * rs;  // sum g' x_hat
+            const double sgxh = static_cast<double>(sgx[i]) * rs;  // sum g' x_hat
             s1 += gm * sg[i];
             s2 += gm * sgxh;
             dgg[c] += sgxh;
@@ -644,9 +706,9 @@ void cbn_forward(const T* x, int64_t B, int64_t C, int64_t S, bool nhwc, const T
       *d = stats + 5 * KC;
     const double r_lim = r_lim_p ? static_cast<double>(*r_lim_p) : 1.0;
     const double d_lim = d_lim_p ? static_cast<double>(*d_lim_p) : 0.0;
-    std::vector<T> m(B * C), q(B * C), ab(B * C), kb(B * C);
-    std::vector<double> new_mean(C, 0.0), new_second(C, 0.0);
-    bc_moments<T>(x, B, C, S, nhwc, m.data(), q.data());
+    std::vector<T> ab(B * C), kb(B * C);
+    std::vector<double> m(B * C), q(B * C), new_mean(C, 0.0), new_second(C, 0.0);
+    bc_moments_acc<T>(x, B, C, S, nhwc, m.data(), q.data());
     for (int64_t j = 0; j < K; ++j) {
         const int64_t b0 = start[j], b1 = start[j + 1];
         const double n = static_cast<double>(b1 - b0);
@@ -706,9 +768,11 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
                   const T* stats, bool renorm, const T* y, T* gx, T* dgamma, T* dbeta) {
     const int64_t KC = K * C;
     const T *mu = stats, *rstd = stats + 2 * KC, *A = stats + 3 * KC, *r = stats + 4 * KC, *d = stats + 5 * KC;
-    std::vector<T> sgb(B * C), sgxb(B * C), ab(B * C), k1(B * C), k0(B * C), floor(y ? C : 0, T(0));
+    std::vector<T> sgb(B * C), sgxb(B * C), ab(B * C), k1(B * C), k0(B * C), cen(B * C), floor(y ? C : 0, T(0));
     const T* fl = y ? floor.data() : nullptr;
-    bc_grad_sums<T>(g, x, y, fl, B, C, S, nhwc, sgb.data(), sgxb.data(), nullptr);
+    for (int64_t j = 0; j < K; ++j)
+        for (int64_t b = start[j]; b < start[j + 1]; ++b) std::copy(mu + j * C, mu + (j + 1) * C, cen.begin() + b * C);
+    bc_grad_sums<T>(g, x, y, fl, cen.data(), B, C, S, nhwc, sgb.data(), sgxb.data(), nullptr);  // sgx about mu_j
     std::vector<double> dg(C, 0.0), db(C, 0.0);
     for (int64_t j = 0; j < K; ++j) {
         const int64_t b0 = start[j], b1 = start[j + 1];
@@ -721,7 +785,7 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
                 sgx += sgxb[b * C + c];
             }
             const double rs = rstd[i], mm = mu[i], a = A[i];
-            const double sgxh = rs * (sgx - mm * sg);
+            const double sgxh = rs * sgx;  // sum g' x_hat (the sums are about mu_j)
             const double mgx = sgxh / n;
             const double kk1 = -a * rs * mgx;
             const double kk0 = -a * (sg / n - rs * mm * mgx);
@@ -751,9 +815,9 @@ void cbn_backward(const T* g, const T* x, int64_t B, int64_t C, int64_t S, bool 
                                        const T* K, const T* tau, T* y) {                                         \
         bc_affine<T>(x, B, C, S, nhwc != 0, A, K, tau, y);                                                       \
     }                                                                                                            \
-    extern "C" void bc_grad_sums_##SUFFIX(const T* g, const T* x, const T* z, const T* tau, int64_t B, int64_t C, \
-                                          int64_t S, int nhwc, T* sg, T* sgx, T* sgraw) {                        \
-        bc_grad_sums<T>(g, x, z, tau, B, C, S, nhwc != 0, sg, sgx, sgraw);                                       \
+    extern "C" void bc_grad_sums_##SUFFIX(const T* g, const T* x, const T* z, const T* tau, const T* center,      \
+                                          int64_t B, int64_t C, int64_t S, int nhwc, T* sg, T* sgx, T* sgraw) {  \
+        bc_grad_sums<T>(g, x, z, tau, center, B, C, S, nhwc != 0, sg, sgx, sgraw);                               \
     }                                                                                                            \
     extern "C" void bc_grad_out_##SUFFIX(const T* g, const T* x, const T* z, const T* tau, int64_t B, int64_t C,  \
                                          int64_t S, int nhwc, const T* A, const T* K1, const T* K0, T* gx) {      \
