@@ -13,10 +13,16 @@ Four measurements, each opt-in from ``analysis.*`` (see README, "Analysis"):
    "gradient predictiveness", Fig. 4b; ``probe/grad_pred_min`` the band's lower edge) and
    ``probe/beta`` (largest ||g_s - g|| / ||theta_s - theta||, the "effective beta-smoothness"
    of Fig. 4c). :func:`landscape_probe` is the maths on any (loss_fn, params).
+   ``analysis.probe_mode: fixed`` measures the landscape without the step: ``probes_per_run``
+   times over the run, on one held-out batch (the first ``probe_images`` test images), along
+   the normalized gradient of that batch's loss, at the absolute distances ``probe_distances``;
+   beta is the least-squares slope of ||g_t - g|| against t (:func:`fixed_probe`), the same
+   measurement at every batch size and LR.
 2. **Train/eval gap** for batch-statistics schemes: test accuracy in eval mode (running
    statistics), in train mode at the run's batch size (each test batch's own statistics), and
-   optionally after recomputing the running statistics with the model frozen
-   (:func:`precise_bn`, "precise BN"; ``normbench analyze --recalibrate``).
+   after recomputing the running statistics with the model frozen (:func:`precise_bn`,
+   "precise BN"; at the end of the run with ``analysis.precise_bn``, or afterwards with
+   ``normbench analyze --recalibrate``).
 3. **Dead units**: per activation layer, the fraction of channels whose output sits at the
    activation's floor (0 for ReLU, tau for TLU) for every sample of a fixed probe batch.
 4. **Activation statistics**: per-channel mean and std of every norm layer's input (the
@@ -72,11 +78,30 @@ def preserved_rng(device: Optional[torch.device] = None):
 
 
 def twin_of(model: nn.Module) -> nn.Module:
-    """A deep copy of the (unwrapped) model, in train mode, without gradients."""
+    """A deep copy of the (unwrapped) model, in train mode, without gradients, whose
+    SyncBatchNorm layers are plain BatchNorm (:func:`local_statistics`)."""
     twin = copy.deepcopy(unwrap(model))
     for p in twin.parameters():
         p.grad = None
-    return twin.train()
+    return local_statistics(twin).train()
+
+
+def local_statistics(model: nn.Module) -> nn.Module:
+    """Turn every SyncBatchNorm layer of ``model`` into plain BatchNorm, in place.
+
+    Every measurement runs on one process (rank 0 under torchrun) while the other ranks go
+    on or have already left: a train-mode forward through SyncBatchNorm would all-reduce with
+    whatever collective another rank is in, or wait for a rank that has exited. On the copy
+    each layer keeps its parameters and running statistics and normalizes a train-mode batch
+    with this process's own statistics: train mode "at the per-process batch". SyncBatchNorm2d
+    adds no state to BatchNorm2d, so changing the class is exact."""
+    from normbench.norms.batch import BatchNorm2d
+    from normbench.norms.sync import SyncBatchNorm2d
+
+    for m in model.modules():
+        if isinstance(m, SyncBatchNorm2d):
+            m.__class__ = BatchNorm2d
+    return model
 
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -223,6 +248,139 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, m
         return landscape_probe(loss_fn, params, lr, multipliers, grads=grads, loss0=loss0)
 
 
+# ----------------------------------------------------------------------------- 1b. fixed probe
+
+
+@dataclass
+class FixedProbeResult:
+    """The fixed-distance probe (:func:`fixed_probe`): at each distance t (ascending), the loss
+    L(theta - t d) and ||g(theta - t d) - g(theta)||, d = g / ||g||; 0-d / 1-d tensors on the
+    parameters' device (no host sync)."""
+
+    distances: torch.Tensor  # (m,) ascending
+    losses: torch.Tensor  # (1 + m,): t = 0 first
+    grad_dists: torch.Tensor  # (m,)
+    grad_norm: torch.Tensor  # ||g(theta)||
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """Least-squares slope through the origin of ||Delta g|| against t: sum t ||Delta g|| / sum t^2."""
+        t = self.distances.to(self.grad_dists.dtype)
+        return (t * self.grad_dists).sum() / (t * t).sum()
+
+    @property
+    def linearity(self) -> torch.Tensor:
+        """(||Delta g|| / t at the largest t) / (the same at the smallest t): 1 where the gradient
+        changes linearly with the distance (a quadratic); below 1 where it flattens, above 1 where
+        curvature grows along the direction or float32 rounding dominates the smallest t."""
+        t = self.distances.to(self.grad_dists.dtype)
+        return (self.grad_dists[-1] / t[-1]) / (self.grad_dists[0] / t[0])
+
+    def vector(self) -> torch.Tensor:
+        """The logged values in the order of :func:`fixed_probe_tags`: the six quantities of
+        :data:`PROBE_TAGS` (beta the slope), then linearity, ||g||, every loss, every ||Delta g||."""
+        base = torch.stack([self.losses.max() - self.losses.min(), self.grad_dists.max(), self.beta,
+                            self.losses.min(), self.losses.max(), self.grad_dists.min(), self.linearity,
+                            self.grad_norm.to(self.losses.dtype)])
+        return torch.cat([base, self.losses, self.grad_dists.to(self.losses.dtype)]).float()
+
+
+def fixed_probe_tags(distances: Sequence[float]) -> list[str]:
+    """Metric names of :meth:`FixedProbeResult.vector` for ascending ``distances``."""
+    ts = sorted(float(t) for t in distances)
+    return [*PROBE_TAGS, "probe/linearity", "probe/grad_norm", "probe/loss_t0",
+            *(f"probe/loss_t{t:g}" for t in ts), *(f"probe/grad_change_t{t:g}" for t in ts)]
+
+
+def fixed_probe(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                distances: Iterable[float]) -> FixedProbeResult:
+    """The loss landscape around theta at fixed distances along the normalized gradient.
+
+    A variant of the probe of Santurkar, Tsipras, Ilyas & Madry 2018 (App. A.2.2, Fig. 4:
+    loss and gradient along the gradient direction) that keeps the step size out of the
+    result: with g = grad L(theta) (computed here) and d = g / ||g||_2 (global over all
+    ``params``), the parameters are set to theta - t d for each t in ``distances``, absolute
+    lengths in parameter space, and L_t, g_t = grad L(theta - t d) are computed with
+    ``torch.autograd.grad`` (no ``.grad`` is touched); the parameters are copied back from a
+    saved clone (bit-exact). Their "effective beta-smoothness" ||g_t - g|| / ||theta_t - theta||
+    (Fig. 4c), summarised over all t, is the least-squares slope through the origin of
+    ||g_t - g|| against t (:attr:`FixedProbeResult.beta`). For a
+    quadratic L = 1/2 theta^T H theta + b^T theta: g_t - g = -t H d, so ||g_t - g|| = t ||Hg|| / ||g||
+    at every t and beta = ||Hg|| / ||g||; L_t = L_0 - t ||g|| + t^2/2 d^T H d.
+    """
+    params = list(params)
+    ts = sorted(float(t) for t in distances)
+    with torch.no_grad():
+        theta0 = [p.detach().clone() for p in params]
+    start = loss_fn()
+    grads = torch.autograd.grad(start, params, allow_unused=True)
+    g = [(gi.detach() if gi is not None else torch.zeros_like(p)) for gi, p in zip(grads, params)]
+    g_norm = _global_norm(g)
+    dtype = torch.promote_types(start.dtype, torch.float32)
+    losses, dists = [start.detach().to(dtype).reshape(())], []
+    try:
+        with torch.no_grad():
+            d = [gi / g_norm.to(gi.dtype) for gi in g]  # nan when g = 0: the probe is then undefined
+        for t in ts:
+            with torch.no_grad():
+                for p, p0, di in zip(params, theta0, d):
+                    torch.add(p0, di, alpha=-t, out=p)
+            loss = loss_fn()
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            diffs = torch._foreach_sub([(gsi if gsi is not None else torch.zeros_like(gi)) for gsi, gi in zip(gs, g)], g)
+            losses.append(loss.detach().to(dtype).reshape(()))
+            dists.append(_global_norm(diffs))
+    finally:
+        with torch.no_grad():
+            for p, p0 in zip(params, theta0):
+                p.copy_(p0)
+    return FixedProbeResult(torch.tensor(ts, dtype=dtype, device=losses[0].device), torch.stack(losses),
+                            torch.stack(dists), g_norm)
+
+
+def probe_model_fixed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, distances: Iterable[float],
+                      device: Optional[torch.device] = None) -> FixedProbeResult:
+    """:func:`fixed_probe` of a classifier's cross-entropy on the batch (x, y), on a deep copy
+    in train mode (BN-like layers normalize with the statistics of (x, y) itself), without
+    autocast (the model's own precision, float32, also in a bf16 run).
+
+    The copy is reset to the model's current buffers before every forward, so each loss is
+    the same function of the parameters (Batch Renorm's train-mode output reads its running
+    statistics, which every train-mode forward moves). The model, its buffers, its ``.grad``
+    and the RNG are untouched, and nothing here depends on the run's LR, batch or step."""
+    base = unwrap(model)
+    with preserved_rng(device), torch.enable_grad():
+        twin = twin_of(base)
+        params = [q for q, p in zip(twin.parameters(), base.parameters()) if p.requires_grad]
+        twin_buffers = list(twin.buffers())
+        saved = snapshot_buffers(twin)
+
+        def loss_fn() -> torch.Tensor:
+            with torch.no_grad():
+                for b, s in zip(twin_buffers, saved):
+                    b.copy_(s)
+            return F.cross_entropy(twin(x).float(), y)
+
+        return fixed_probe(loss_fn, params, distances)
+
+
+def probe_batch(data, normalize, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed probe's batch: the first K test images (no augmentation, normalized as the
+    training inputs) and their labels; the same for every run on the same data."""
+    k = min(k, len(data.test_y))
+    return normalize(data.test_x[:k]), data.test_y[:k]
+
+
+def probe_schedule(total_steps: int, count: int) -> list[int]:
+    """``count`` probe points spread evenly over a run of ``total_steps`` steps: the parameters
+    after round(i T / (count - 1)) steps, i = 0 .. count - 1 (the initial and the final ones
+    included; only the final ones for count = 1; fewer when T < count - 1)."""
+    if count <= 1:
+        return [total_steps]
+    n = count - 1
+    return sorted({(2 * i * total_steps + n) // (2 * n) for i in range(count)})
+
+
 # ----------------------------------------------------------------------------- 2. train/eval gap
 
 
@@ -308,6 +466,31 @@ def training_batches(cfg, data, normalize, batch_size: int, max_images: Optional
     for i in range(steps):
         x, _ = plan.batch(data, i)
         yield normalize(x)
+
+
+def precise_bn_batches(data, normalize, images: int, batch_size: int):
+    """The in-run precise-BN pass: the first ``images`` training images in their stored order,
+    without augmentation, normalized, in batches of ``batch_size`` (at most the training set;
+    a short last batch is dropped so that every batch weighs the same)."""
+    n = min(images, len(data.train_y))
+    b = max(1, min(batch_size, n))
+    for start in range(0, n - n % b, b):
+        yield normalize(data.train_x[start:start + b])
+
+
+def precise_bn_eval(model: nn.Module, data, normalize, images: int, batch_size: int, eval_batch_size: int,
+                    device: Optional[torch.device] = None) -> dict:
+    """Test accuracy with the running statistics recomputed by :func:`precise_bn` over
+    :func:`precise_bn_batches`: ``test_acc_precise_bn`` (None for a model without running
+    statistics), ``precise_bn_images`` (images used) and ``precise_bn_batch_size``. The model
+    and the RNG are untouched."""
+    if not running_stat_layers(unwrap(model)):
+        return {"test_acc_precise_bn": None}
+    with preserved_rng(device):
+        b = max(1, min(batch_size, images, len(data.train_y)))
+        twin, used = precise_bn(model, precise_bn_batches(data, normalize, images, b))
+        acc = accuracy(twin, data, normalize, eval_batch_size, train_mode=False)
+    return {"test_acc_precise_bn": acc, "precise_bn_images": used * b, "precise_bn_batch_size": b}
 
 
 # ----------------------------------------------------------------------------- 3. dead units
@@ -456,13 +639,24 @@ def activation_stats(model: nn.Module, x: torch.Tensor, device: Optional[torch.d
 # ----------------------------------------------------------------------------- the run's hooks
 
 
+def _median(values: Sequence[float]) -> Optional[float]:
+    """The median (mean of the middle two for an even count), None when empty."""
+    v = sorted(values)
+    n = len(v)
+    if not n:
+        return None
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 class Analysis:
     """Hooks the engine calls; every method is optional work driven by ``cfg.analysis``.
 
-    ``wants_steps`` is False unless the probe or the histograms are on (and this is the main
-    process): the engine then does not call :meth:`after_backward` at all, so a run with only
-    the end-of-run measurements pays nothing per step. Histograms wait on the device until the
-    epoch ends (2 C floats per norm layer per histogram step): keep ``hist_every`` coarse.
+    ``wants_steps`` is False unless the lr-mode probe or the histograms are on (and this is the
+    main process): the engine then does not call :meth:`after_backward` at all, so a run with
+    only the end-of-run measurements pays nothing per step. The fixed-mode probe needs no
+    hook inside the step: the engine compares its step with ``next_probe_step`` before each.
+    Histograms wait on the device until the epoch ends (2 C floats per norm layer per
+    histogram step): keep ``hist_every`` coarse.
     """
 
     def __init__(self, cfg, trainer):
@@ -470,8 +664,11 @@ class Analysis:
 
         a = cfg.analysis
         self.cfg = cfg
-        self.probe_every = a.probe_every if a.probe else None
+        self.fixed = a.probe and a.probe_mode == "fixed"  # fixed-distance probe on the held-out batch
+        self.probe_every = a.probe_every if (a.probe and not self.fixed) else None
         self.multipliers = [float(s) for s in a.probe_multipliers]
+        self.distances = sorted(float(t) for t in a.probe_distances)
+        self.probe_tags = fixed_probe_tags(self.distances) if self.fixed else list(PROBE_TAGS)
         self.hist_every = a.hist_every
         self.dead = a.dead_units
         self.dead_images = a.dead_units_images
@@ -488,7 +685,36 @@ class Analysis:
         self.hist_sizes: list[int] = []
         self.probe_sums = [0.0, 0.0, 0.0]  # loss_range, grad_pred, beta over flushed probes
         self.probe_count = 0
+        self.probe_betas: list[float] = []  # every flushed finite beta (for the median)
+        self.probe_linearities: list[float] = []  # fixed mode
         self.last_dead: Optional[dict] = None
+        # fixed mode: the steps whose parameters are probed; the engine compares its step with
+        # next_probe_step before every step (and at epoch ends), so the probe costs nothing else
+        self.probe_steps = (probe_schedule(trainer.total_steps, a.probes_per_run)
+                            if self.fixed and self.main and getattr(trainer, "total_steps", None) else [])
+        self.last_probe_step = -1
+        self.next_probe_step: Optional[int] = None
+        self._advance_probe()
+
+    # -- fixed probe ---------------------------------------------------------------------
+    def _advance_probe(self) -> None:
+        later = [k for k in self.probe_steps if k > self.last_probe_step]
+        self.next_probe_step = later[0] if later else None
+
+    def probe_if_due(self, trainer) -> None:
+        """Fixed mode: probe the parameters as they are now (after ``trainer.state.step``
+        steps) when that step is on the schedule and not yet probed. Called before every step,
+        at every epoch end and at the end; a resumed run probes each step once (the last
+        probed step travels in the checkpoint). Packed members call it with their own model,
+        unpacked from the packed network just before."""
+        step = trainer.state.step
+        if self.next_probe_step is None or step != self.next_probe_step:
+            return
+        x, y = probe_batch(trainer.data, trainer.normalize, self.cfg.analysis.probe_images)
+        result = probe_model_fixed(trainer.model, x, y, self.distances, self.device)
+        self.pending_probes.append((step, result.vector()))
+        self.last_probe_step = step
+        self._advance_probe()
 
     # -- per step --------------------------------------------------------------------------
     def _probes_at(self, step: int) -> bool:
@@ -521,7 +747,7 @@ class Analysis:
         if self.pending_probes:
             values = torch.stack([v for _, v in self.pending_probes]).cpu().tolist()  # one host read
             for (step, _), row in zip(self.pending_probes, values):
-                record = {"step": step, "epoch": round(step / spe, 4), **dict(zip(PROBE_TAGS, row))}
+                record = {"step": step, "epoch": round(step / spe, 4), **dict(zip(self.probe_tags, row))}
                 trainer.run_dir.append_metrics(record)
                 if tb is not None:
                     tb.scalars(step, {k: v for k, v in record.items() if "/" in k})
@@ -529,6 +755,9 @@ class Analysis:
                     self.probe_count += 1
                     for i in range(3):
                         self.probe_sums[i] += row[i]
+                    self.probe_betas.append(row[2])
+                    if self.fixed and math.isfinite(row[6]):
+                        self.probe_linearities.append(row[6])
             self.pending_probes = []
         if self.pending_hists:
             for step, flat in self.pending_hists:
@@ -543,9 +772,11 @@ class Analysis:
 
     def on_epoch_end(self, trainer, epoch: int, tb) -> None:
         """After the epoch's evaluation, before its checkpoint: write pending probes and
-        histograms, then measure dead units when enabled."""
+        histograms, then measure dead units when enabled. Fixed mode: a probe due at this
+        step (the epoch's last parameters) is taken first."""
         if not self.main:
             return
+        self.probe_if_due(trainer)
         self._flush(trainer, tb)
         if self.dead:
             x = probe_images(trainer.data, trainer.normalize, self.dead_images, self.cfg.train.batch_size)
@@ -560,6 +791,7 @@ class Analysis:
         """Extra summary fields for a completed run."""
         if not self.main:
             return {}
+        self.probe_if_due(trainer)
         self._flush(trainer, tb)
         out: dict = {}
         if self.gap and trainer.state.last_eval:
@@ -570,18 +802,30 @@ class Analysis:
             trainer.run_dir.append_metrics(record)
             if tb is not None:
                 tb.scalars(trainer.state.step, {k: v for k, v in record.items() if "/" in k})
+        if self.cfg.analysis.precise_bn:
+            a = self.cfg.analysis
+            out.update(precise_bn_eval(trainer.model, trainer.data, trainer.normalize, a.precise_bn_images,
+                                       a.precise_bn_batch, self.cfg.train.eval_batch_size, self.device))
+            if out["test_acc_precise_bn"] is not None:
+                record = {"step": trainer.state.step, "gap/test_acc_precise_bn": out["test_acc_precise_bn"]}
+                trainer.run_dir.append_metrics(record)
+                if tb is not None:
+                    tb.scalars(trainer.state.step, {k: v for k, v in record.items() if "/" in k})
         if self.dead:
             if self.last_dead is None:
                 x = probe_images(trainer.data, trainer.normalize, self.dead_images, self.cfg.train.batch_size)
                 self.last_dead = dead_units(trainer.model, x, self.cfg.train.batch_size, self.device)
             out["dead_unit_frac"] = self.last_dead["all"]
             out["dead_units_by_layer"] = {k: v for k, v in self.last_dead.items() if k != "all"}
-        if self.probe_every is not None:
+        if self.probe_every is not None or self.fixed:
             n = self.probe_count
             out.update({"probe_count": n,
                         "probe_loss_range_mean": self.probe_sums[0] / n if n else None,
                         "probe_grad_pred_mean": self.probe_sums[1] / n if n else None,
-                        "probe_beta_mean": self.probe_sums[2] / n if n else None})
+                        "probe_beta_mean": self.probe_sums[2] / n if n else None,
+                        "probe_beta_median": _median(self.probe_betas)})
+            if self.fixed:
+                out.update({"probe_mode": "fixed", "probe_linearity_median": _median(self.probe_linearities)})
         return out
 
     # -- checkpoint ------------------------------------------------------------------------
@@ -593,6 +837,9 @@ class Analysis:
             "hist_sizes": list(self.hist_sizes),
             "probe_sums": list(self.probe_sums),
             "probe_count": self.probe_count,
+            "probe_betas": list(self.probe_betas),
+            "probe_linearities": list(self.probe_linearities),
+            "last_probe_step": self.last_probe_step,
             "last_dead": dict(self.last_dead) if self.last_dead is not None else None,
         }
 
@@ -606,6 +853,10 @@ class Analysis:
         self.hist_sizes = [int(c) for c in state.get("hist_sizes", [])]
         self.probe_sums = [float(v) for v in state.get("probe_sums", [0.0, 0.0, 0.0])]
         self.probe_count = int(state.get("probe_count", 0))
+        self.probe_betas = [float(v) for v in state.get("probe_betas", [])]
+        self.probe_linearities = [float(v) for v in state.get("probe_linearities", [])]
+        self.last_probe_step = int(state.get("last_probe_step", -1))
+        self._advance_probe()
         self.last_dead = state.get("last_dead")
 
 
@@ -616,7 +867,7 @@ def make_analysis(cfg, trainer) -> Optional[Analysis]:
 
     a = cfg.analysis
     gap = a.train_mode_eval and get_scheme(cfg.norm.kind).batch_dependent
-    if not (a.probe or a.dead_units or a.hist_every is not None or gap):
+    if not (a.probe or a.dead_units or a.hist_every is not None or gap or a.precise_bn):
         return None
     return Analysis(cfg, trainer)
 

@@ -42,6 +42,8 @@ def sweep(
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain log lines instead of the live view."),
     pack: int = typer.Option(1, "--pack", "-k", min=1, help="Train up to K cells that differ only in seed as one "
                              "packed network (grouped convolutions); each keeps its own run folder."),
+    pack_max_batch: Optional[int] = typer.Option(None, "--pack-max-batch", min=1, help="With --pack: pack only cells "
+                                                 "whose batch size is at most this (e.g. 8)."),
 ) -> None:
     """Train every cell of a sweep: skip finished cells, resume partial ones, record failures."""
     from normbench import sweep as sw
@@ -56,18 +58,21 @@ def sweep(
         from normbench.config import parse_overrides
 
         spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
+        if not dry_run:  # before planning: a recorded cell counts as done only on the data it was made on
+            sw.ensure_data(spec, log=lambda m: typer.echo(m, err=True))
         n_workers, n_threads = sw.local_layout(0, workers, threads, spec.cells)
-        plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
+        plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack,
+                             pack_max_batch=pack_max_batch)
         spare = sw.local_layout(len(plan.tasks), workers, threads, spec.cells)[1]
         if backend == "local" and spare != n_threads:  # fewer cells than workers: spare cores as threads
             n_threads = spare
-            plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack)
+            plan = sw.plan_sweep(spec, n_threads, force=force, rerun_failed=rerun_failed, pack=pack,
+                             pack_max_batch=pack_max_batch)
         if dry_run:
             _print_dry_run(plan, n_workers, backend, no_estimate)
             return
         display = sw.make_display(no_progress)
         sw.write_manifest(spec)
-        sw.ensure_data(spec, log=lambda m: typer.echo(m, err=True))
         n_skip = len(plan.skipped)
         display.message(f"sweep {sweep_file.name}: {len(spec.cells)} cells in {spec.out_dir}; {len(plan.tasks)} to "
                         f"train, {n_skip} already recorded; backend {backend}"
@@ -101,7 +106,7 @@ def _print_dry_run(plan, workers: int, backend: str, no_estimate: bool) -> None:
         per_task, total = sw.estimate(plan, workers, log=lambda m: typer.echo(m, err=True))
     tasks = {m["index"]: m for t in plan.tasks for m in t.get("pack", [t])}
     action_of = {"new": "train", "partial": "resume", "running": "wait (locked)", "failed": "retrain",
-                 "diverged": "retrain", "done": "retrain"}
+                 "diverged": "retrain", "done": "retrain", "other-data": "retrain"}
     table = Table(title=f"sweep {plan.sweep.path.name}: {len(plan.sweep.cells)} cells → {plan.sweep.out_dir}",
                   title_justify="left")
     for col in ("#", "cell", "state", "action", "est.", "run dir"):
@@ -149,6 +154,9 @@ def _print_outcome(plan, results: list[dict], interrupted: bool, interrupt_code:
                   "now " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), highlight=False)
     for r in locked:
         console.print(f"{r['name']}: still locked by {r.get('holder')}", highlight=False)
+    refused = [r for r in results if r["outcome"] == "refused"]
+    for r in refused:
+        console.print(f"{r['name']}: not trained: {r.get('error')}", highlight=False)
     bad = [c for c in plan.sweep.cells if final[c.index] in ("failed", "diverged")]
     if bad:
         table = Table(title="failed or diverged cells", title_justify="left")
@@ -158,12 +166,14 @@ def _print_outcome(plan, results: list[dict], interrupted: bool, interrupt_code:
             summary, problem = sw._safe_summary(cell.run_dir)
             summary = summary or {}
             step = summary.get("diverged_step") if summary.get("status") == "diverged" else summary.get("steps")
-            note = (summary.get("note") or problem or "")[:80]
+            note = (summary.get("note") or problem or "")[:240]  # long enough for a remedy after a path
             table.add_row(cell.name, final[cell.index], "" if step is None else str(step), note,
                           str(sw.log_path(cell.run_dir)))
         console.print(table)
     if interrupted:
         return interrupt_code
+    if refused:
+        return 2
     return 1 if bad else 0
 
 

@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from normbench.errors import UserError, did_you_mean
 
@@ -30,8 +32,60 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
 DEFAULT_DATA_ROOT = "~/.cache/normbench/data"
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field of this type accepts true/false as such (bool, a Literal with True/False)."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    if origin in (Union, types.UnionType, Annotated):
+        return any(_takes_bool(a) for a in get_args(annotation))
+    return False
+
+
+def _item_types(annotation: Any) -> list:
+    """The item types of the list/tuple types in ``annotation`` (through Optional)."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return [a for a in get_args(annotation) if a is not Ellipsis]
+    if origin in (Union, types.UnionType, Annotated):
+        return [t for a in get_args(annotation) for t in _item_types(a)]
+    return []
+
+
+def _expected(annotation: Any) -> str:
+    """How an error names what a field wants: 'an integer', 'a number', ..."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (
+        Union, types.UnionType) else [annotation]
+    if any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+        return "a section (a mapping of keys)"
+    if float in args:
+        return "a number"
+    if int in args:
+        return "an integer"
+    if str in args:
+        return "a string"
+    return "a value of another type"
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: .inf / .nan are refused in every float field (lists of floats included)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse true/false where a number (or string, section) belongs; pydantic would read
+        them as 1 and 0, so that `train.batch_size: true` trained at batch 1."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            raise ValueError(f"expected {_expected(annotation)}, not a boolean")
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            items = _item_types(annotation)
+            if items and not any(_takes_bool(t) for t in items):
+                raise ValueError(f"expected a list of {_expected(items[0]).split(' ', 1)[1]}s, not booleans")
+        return value
 
 
 class DataConfig(_Section):
@@ -62,6 +116,9 @@ class NormConfig(_Section):
     running_stats: Literal["per_step", "per_chunk"] = "per_step"
     # FRN
     learn_eps: bool = False
+    # the non-linearity after FRN (and after each residual add): the paper's TLU max(y, tau), or
+    # a plain ReLU max(y, 0) as the control that asks what the learned threshold buys
+    frn_activation: Literal["tlu", "relu"] = "tlu"
     # Batch Renormalization: plain BN for brn_warmup_epochs, then r_max / d_max rise
     # linearly to their final values, reached at brn_r_max_epochs / brn_d_max_epochs.
     r_max: float = Field(3.0, ge=1)
@@ -89,6 +146,12 @@ class NormConfig(_Section):
             raise ValueError("set norm.groups or norm.group_size, not both")
         return self
 
+    @model_validator(mode="after")
+    def _frn_activation_needs_frn(self) -> "NormConfig":
+        if self.frn_activation != "tlu" and self.kind != "frn":
+            raise ValueError(f"norm.frn_activation applies to norm.kind frn only (got kind {self.kind!r})")
+        return self
+
 
 class OptimConfig(_Section):
     lr: float = Field(0.1, gt=0)  # at base_batch_size; scaled linearly with the batch
@@ -102,7 +165,7 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=50000)  # at most the 50,000-image training set
     epochs: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1)
     eval_batch_size: int = Field(500, ge=1)
@@ -133,6 +196,12 @@ class LogConfig(_Section):
 
 
 DEFAULT_PROBE_EVERY = 100  # steps; measured probe overhead ~4% at this interval (README, Analysis)
+# Fixed-mode probe distances ||theta_t - theta||_2 (normbench.analysis.fixed_probe). Measured with
+# scripts/probe_distances.py on ResNet-20 (width 1, ||theta|| ~ 44), CIFAR-10, first epoch, BN at
+# batch 128 and 8, GN at 128: over 0.025..0.2, ||Delta g|| / t at 0.2 is 0.63-0.93 of its value at
+# 0.025 (median 0.83); below ~0.01 BN's ||Delta g|| grows like sqrt(t) (ReLU patterns flip; float64
+# gives the same numbers, so it is not float32 rounding), above 0.2 it flattens further.
+DEFAULT_PROBE_DISTANCES = (0.025, 0.05, 0.1, 0.2)
 
 
 class AnalysisConfig(_Section):
@@ -146,6 +215,25 @@ class AnalysisConfig(_Section):
     dead_units_images: int = Field(256, ge=1)  # the fixed probe batch: the first K training images
     hist_every: Optional[int] = Field(None, ge=1)  # pre-norm activation histograms; None = off
     train_mode_eval: bool = True  # test accuracy with batch statistics, for BN-like norms
+    # The probe's mode. lr: every probe_every steps, along the training step's own gradient, on
+    # the step's batch, at t = LR x multiplier (the step size is part of the result). fixed:
+    # probes_per_run probes spread over the run, each on the same held-out batch (the first
+    # probe_images test images) along its normalized gradient, at the absolute distances
+    # probe_distances: the same measurement for every batch size and LR (normbench.analysis).
+    probe_mode: Literal["lr", "fixed"] = "lr"
+    probe_images: int = Field(512, ge=1)  # fixed mode: the probe batch, first K test images
+    probe_distances: list[float] = Field(default_factory=lambda: list(DEFAULT_PROBE_DISTANCES))
+    probes_per_run: int = Field(20, ge=1)  # fixed mode: at steps round(i T / (n - 1)), 0 and T included
+    # precise BN at the end of a completed run (schemes with running statistics): the running
+    # statistics recomputed with the weights frozen over precise_bn_images un-augmented
+    # training images in batches of precise_bn_batch, then one test pass
+    precise_bn: bool = False
+    precise_bn_images: int = Field(10_000, ge=1)
+    # The pass runs every layer in train mode, so a layer's inputs are normalized upstream by
+    # the pass's own batch statistics, while at test time they are normalized by the population
+    # statistics; a large batch keeps the two close (at the run's batch 2 the deep layers would
+    # be calibrated on inputs no test forward produces). 500 = eval_batch_size: 20 forwards.
+    precise_bn_batch: int = Field(500, ge=2)  # >= 2: a variance needs two samples
 
     @model_validator(mode="before")
     @classmethod
@@ -160,6 +248,22 @@ class AnalysisConfig(_Section):
                 data["probe"] = True
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_mode_turns_probe_on(cls, data: Any) -> Any:
+        """``analysis.probe_mode: fixed`` alone means "probe in fixed mode"."""
+        if (isinstance(data, dict) and data.get("probe_mode") == "fixed" and "probe" not in data
+                and "probe_every" not in data):  # (probe_every: N / null turns it on / off already)
+            data = {**data, "probe": True}
+        return data
+
+    @field_validator("probe_distances")
+    @classmethod
+    def _positive_distances(cls, value: list[float]) -> list[float]:
+        if not value or any(not (0 < v < float("inf")) for v in value):
+            raise ValueError("allowed: a non-empty list of positive distances in parameter space, e.g. [0.05, 0.1]")
+        return sorted(value)
+
     @field_validator("probe_multipliers")
     @classmethod
     def _positive_multipliers(cls, value: list[float]) -> list[float]:
@@ -168,9 +272,18 @@ class AnalysisConfig(_Section):
         return value
 
 
+# Keys added after runs were published: left out of the config hash while at their default,
+# so that every earlier config keeps its hash (and its run folder name).
+HASHED_UNLESS_DEFAULT: dict[str, tuple[str, ...]] = {
+    "norm": ("frn_activation",),
+    "analysis": ("probe_mode", "probe_images", "probe_distances", "probes_per_run", "precise_bn",
+                 "precise_bn_images", "precise_bn_batch"),
+}
+
+
 class RunConfig(_Section):
     name: Optional[str] = None  # None: "<norm>-b<batch>"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**64 - 1)  # the range torch.manual_seed accepts
     device: str = "auto"
     threads: Optional[int] = Field(None, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -204,12 +317,18 @@ class RunConfig(_Section):
         return self.model_dump(mode="json")
 
     def config_hash(self) -> str:
-        """8 hex digits over everything that changes the result (not log, data root, threads)."""
+        """8 hex digits over everything that changes the result (not log, data root, threads).
+        Keys of :data:`HASHED_UNLESS_DEFAULT` count only when they differ from their default."""
         body = self.to_dict()
         for key in ("name", "log", "threads"):
             body.pop(key, None)
         body["data"].pop("root", None)
         body["data"].pop("allow_download", None)
+        for section, keys in HASHED_UNLESS_DEFAULT.items():
+            fields = type(getattr(self, section)).model_fields
+            for key in keys:
+                if body[section].get(key) == fields[key].get_default(call_default_factory=True):
+                    body[section].pop(key)
         blob = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -220,17 +339,66 @@ class RunConfig(_Section):
 # ----------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (at any depth), where
+    plain YAML loading silently keeps the last one. Merge keys (``<<``) may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first_line
+                except TypeError:  # unhashable key: the base constructor reports it
+                    continue
+                if seen:
+                    raise DuplicateKeyError(
+                        None, None, f"key '{key}' is given twice (first at line {first_line[key]})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Safe-load one YAML document with :class:`UniqueKeyLoader`."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` a file; any problem becomes one line naming the file (and line)."""
+    """Safe-load a YAML file (UTF-8, no duplicate keys); any problem becomes one line naming
+    the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        text = path.read_text()
+        blob = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    if b"\0" in blob:
+        raise UserError(f"{path} is a binary file (it holds NUL bytes), not UTF-8 YAML text")
     try:
-        return yaml.safe_load(text)
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = blob[:err.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not UTF-8 text (byte 0x{blob[err.start]:02x}); "
+                        "save the file as UTF-8") from None
+    try:
+        return load_yaml_text(text)
+    except DuplicateKeyError as err:
+        mark = err.problem_mark
+        raise UserError(f"{path} line {mark.line + 1}: {err.problem}; YAML would silently keep only "
+                        "the last, so give each key once") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -267,26 +435,56 @@ def load_config_dict(path: Path, _seen: tuple = ()) -> dict:
     return deep_merge(load_config_dict(path.parent / base, _seen + (path,)), raw)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse ``a.b=value`` strings (value as YAML) into {dotted key: value}; conflicts are errors."""
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality that keeps true/false apart from 1/0 (also inside lists and mappings)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _leaves(key: str, value: Any) -> dict[str, Any]:
+    """``train={epochs: 2}`` -> {'train.epochs': 2}: a mapping value sets its keys one by one."""
+    if not isinstance(value, dict) or not value:
+        return {key: value}
     out: dict[str, Any] = {}
+    for sub, inner in value.items():
+        out.update(_leaves(f"{key}.{sub}", inner))
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``a.b=value`` strings (value as YAML) into {dotted key: value}. A mapping value
+    (``train={epochs: 2}``) stands for its keys (``train.epochs=2``); a key given twice with
+    different values, directly or through a mapping, is an error."""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # leaf key -> the --set item that set it
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", key):
             raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. norm.kind=gn")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = load_yaml_text(text) if text.strip() else None
         except yaml.YAMLError:
             raise UserError(f"--set {key}: value {text!r} is not valid YAML") from None
-        if key in out and out[key] != value:
-            raise UserError(f"--set {key} given twice with different values: {out[key]!r} and {value!r}")
-        out[key] = value
+        for leaf, leaf_value in _leaves(key, value).items():
+            if leaf in out and not _same_value(out[leaf], leaf_value):
+                via = [f"--set {k}" for k in dict.fromkeys((given_as[leaf], key)) if k != leaf]
+                how = f" (via {' and '.join(via)})" if via else ""
+                raise UserError(f"--set {leaf} given twice with different values: {out[leaf]!r} and "
+                                f"{leaf_value!r}{how}")
+            out[leaf] = leaf_value
+            given_as.setdefault(leaf, key)
     return out
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    """Set each dotted key in a copy of ``raw``; a non-section on the path is an error."""
+    """Set each dotted key in a copy of ``raw`` (a mapping value merges into the section there);
+    a non-section on the path is an error."""
     out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = out
@@ -297,7 +495,11 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
                 where = ".".join(parts[: i + 1])
                 raise UserError(f"--set {dotted}: '{where}' is a value, not a section")
             node = child
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = deep_merge(node[last], value)
+        else:
+            node[last] = copy.deepcopy(value)
     return out
 
 
@@ -343,11 +545,16 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(format_validation_error(err, source)) from None
 
 
-def load_config(path: Optional[Path], overrides: Optional[list[str]] = None) -> RunConfig:
-    """Resolve a run config: file (with base chain), then ``--set`` overrides, then validation."""
-    raw = load_config_dict(Path(path)) if path is not None else {}
+def load_config(path: Union[None, str, Path, list, tuple], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Resolve a run config: the file(s) (each with its base chain; several files merge left to
+    right, a later file overriding an earlier one key by key), then ``--set`` overrides, then
+    validation."""
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [] if path is None else [Path(path)]
+    raw: dict = {}
+    for one in paths:
+        raw = deep_merge(raw, load_config_dict(one))
     raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate_config(raw, source=str(path) if path else "config")
+    return validate_config(raw, source=" + ".join(map(str, paths)) or "config")
 
 
 def dump_config(cfg: RunConfig) -> str:

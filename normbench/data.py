@@ -6,7 +6,11 @@ The one format read is the official "CIFAR-10 python version" layout
 1. ``data.root`` (default ``$NORMBENCH_DATA`` or ``~/.cache/normbench/data``) already has it;
 2. torchvision's download (official md5), which fails fast when offline;
 3. the bundled JPEG mirror ``data/cifar10-jpeg.npz`` decoded the way its ``prepare.py``
-   does (every file written then renamed), recorded as ``data_source: mirror``.
+   does, recorded as ``data_source: mirror``.
+
+Steps 2 and 3 run only when ``cifar-10-batches-py`` is absent or empty: they fill a hidden
+staging folder beside it and rename it into place, so a killed fill leaves no partial folder
+and files already there are never overwritten (a folder missing some files is reported).
 
 Every load checks each file's md5 against the official release or against the manifest
 that normbench wrote when it produced the files (mirror or synthetic data), so a truncated
@@ -24,6 +28,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +80,46 @@ def write_manifest(folder: Path, source: str) -> None:
     _atomic_write_bytes(folder / MANIFEST, json.dumps({"source": source, "md5": sums}, indent=1).encode())
 
 
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a run was trained on: the data's source and a fingerprint of its files' md5s."""
+
+    source: str        # official | mirror | synthetic | ... (the manifest's word)
+    fingerprint: str   # 16 hex digits of SHA-256 over "name md5" of every file
+
+    def describe(self) -> str:
+        return f"{self.source} data {self.fingerprint}"
+
+
+def fingerprint_of(sums: dict[str, str]) -> str:
+    text = "".join(f"{name} {sums[name]}\n" for name in sorted(sums))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _manifest_is_well_formed(manifest) -> bool:
+    """``{"source": str, "md5": {file name: md5 string}}``, as :func:`write_manifest` writes it."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("source"), str):
+        return False
+    sums = manifest.get("md5")
+    return isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())
+
+
 def verify(folder: Path) -> str:
     """Check every file's md5; return the data source ('official', 'mirror', ...)."""
+    return verify_identity(folder).source
+
+
+def verify_identity(folder: Path) -> DataIdentity:
+    """Check every file's md5; return the data's source and fingerprint."""
     missing = [name for name in ALL_FILES if not (folder / name).is_file()]
     if missing:
-        raise UserError(f"CIFAR-10 file {folder / missing[0]} is missing; run `normbench data prepare` "
-                        f"or delete {folder} to rebuild it")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"CIFAR-10 file {folder / missing[0]} is missing{more}; put it back, or delete the folder "
+                        f"{folder} and run `normbench data prepare` to rebuild it (normbench fills only an "
+                        "absent or empty data folder)")
     sums = {name: md5_of(folder / name) for name in ALL_FILES}
     if sums == official_md5s():
-        return "official"
+        return DataIdentity("official", fingerprint_of(sums))
     manifest_path = folder / MANIFEST
     manifest = {}
     if manifest_path.is_file():
@@ -92,50 +128,110 @@ def verify(folder: Path) -> str:
         except (OSError, ValueError):
             raise UserError(f"data manifest {manifest_path} is unreadable; delete {folder} and run "
                             "`normbench data prepare`") from None
+        if not _manifest_is_well_formed(manifest):
+            raise UserError(f"data manifest {manifest_path} is malformed (expected {{\"source\": text, \"md5\": "
+                            f"{{file: md5}}}}); delete {folder} and run `normbench data prepare`")
     expected = manifest.get("md5") or official_md5s()
     for name in ALL_FILES:
         if sums[name] != expected.get(name):
             raise UserError(f"CIFAR-10 file {folder / name} is corrupt (md5 {sums[name]} matches neither the "
                             f"official release nor {MANIFEST}); delete {folder} and run `normbench data prepare`")
-    return str(manifest.get("source", "unknown"))
+    return DataIdentity(str(manifest.get("source", "unknown")), fingerprint_of(sums))
+
+
+def is_unfilled(folder: Path) -> bool:
+    """True when ``folder`` is absent or an empty directory: the only state normbench fills."""
+    try:
+        return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    except OSError as err:
+        raise UserError(f"cannot read data folder {folder}: {err.strerror}") from None
+
+
+def _staging_folder(root: Path) -> Path:
+    """A fresh hidden folder in ``root`` to fill (``.cifar-10-batches-py.<pid>.part``); the
+    staging folders of processes that died mid-fill are removed first."""
+    for old in root.glob(f".{FOLDER}.*.part"):
+        try:
+            os.kill(int(old.name.rsplit(".", 2)[-2]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass
+    stage = root / f".{FOLDER}.{os.getpid()}.part"
+    shutil.rmtree(stage, ignore_errors=True)
+    return stage
+
+
+def _move_into_place(filled: Path, folder: Path) -> None:
+    """Rename the complete folder ``filled`` to ``folder`` (absent or empty). When another
+    process filled ``folder`` meanwhile, its files are kept and ``filled`` is left to be removed."""
+    try:
+        os.rename(filled, folder)  # atomic; replaces an empty directory
+    except OSError as err:
+        if is_unfilled(folder):
+            raise UserError(f"cannot write CIFAR-10 into {folder}: {err.strerror}") from None
 
 
 def _try_download(root: Path) -> bool:
-    """torchvision's download with the official md5; False (quickly) when offline."""
+    """torchvision's download with the official md5 into a staging folder, renamed to
+    ``root/cifar-10-batches-py`` when complete; False (quickly) when offline."""
     from torchvision.datasets import CIFAR10
 
+    stage = _staging_folder(root)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        CIFAR10(str(root), train=True, download=True)
+        CIFAR10(str(stage), train=True, download=True)
+        _move_into_place(stage / FOLDER, root / FOLDER)
         return True
+    except UserError:
+        raise
     except Exception:  # noqa: BLE001 - any network or checksum failure means "use the mirror"
         return False
     finally:
         socket.setdefaulttimeout(old)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def decode_mirror(root: Path, mirror: Path = MIRROR) -> Path:
-    """Decode the bundled JPEG mirror into ``root/cifar-10-batches-py`` with its prepare.py."""
+    """Decode the bundled JPEG mirror into ``root/cifar-10-batches-py``, which must be absent or
+    empty, with the mirror's prepare.py: into a staging folder with the manifest, then renamed."""
+    root = Path(root)
+    folder = root / FOLDER
     if not mirror.is_file():
         raise UserError(f"no CIFAR-10 under {root} and the bundled mirror {mirror} is missing; "
                         "download 'CIFAR-10 python version' into that folder")
+    if not is_unfilled(folder):
+        raise UserError(f"data folder {folder} is not empty; the mirror is decoded only into an absent or "
+                        "empty folder (delete it to rebuild)")
     spec = importlib.util.spec_from_file_location("_normbench_prepare", mirror.parent / "prepare.py")
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)  # type: ignore[union-attr]
     try:
-        folder = Path(prepare.prepare(root))
+        root.mkdir(parents=True, exist_ok=True)
+        stage = _staging_folder(root)
+        try:
+            prepare.write_files(stage)
+            write_manifest(stage, "mirror")
+            _move_into_place(stage, folder)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     except OSError as err:
         raise UserError(f"cannot write CIFAR-10 into {root}: {err.strerror}") from None
-    write_manifest(folder, "mirror")
     return folder
 
 
 def ensure_cifar10(root: Path, allow_download: bool = True, log=print) -> tuple[Path, str]:
     """Return (folder, source), fetching or decoding the data set first when it is absent."""
+    folder, identity = ensure_cifar10_identity(root, allow_download, log)
+    return folder, identity.source
+
+
+def ensure_cifar10_identity(root: Path, allow_download: bool = True, log=print) -> tuple[Path, DataIdentity]:
+    """Return (folder, identity), fetching or decoding the data set first when it is absent."""
     root = Path(root).expanduser()
     folder = root / FOLDER
-    if not all((folder / name).is_file() for name in ALL_FILES):
+    if is_unfilled(folder):  # a folder holding some files is never filled over: verify names what is missing
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -148,8 +244,36 @@ def ensure_cifar10(root: Path, allow_download: bool = True, log=print) -> tuple[
             log("downloaded the official CIFAR-10 release")
         else:
             log(f"offline: decoding the bundled mirror {MIRROR.name} into {root} (about 10 s)")
-            decode_mirror(root)
-    return folder, verify(folder)
+            decode_mirror(root, MIRROR)
+    return folder, verify_identity(folder)
+
+
+def data_identity(data_cfg, log=print) -> DataIdentity:
+    """The identity of the data a run with ``data_cfg`` trains on (made available first)."""
+    return ensure_cifar10_identity(data_cfg.resolved_root(), data_cfg.allow_download, log)[1]
+
+
+_PRESENT: dict[str, tuple[tuple, Optional[DataIdentity]]] = {}
+
+
+def present_identity(root: Path) -> Optional[DataIdentity]:
+    """The identity of the data already in ``root``, or None when it is absent or does not
+    verify; never fetches. Cached per process while the files' sizes and mtimes stay the same."""
+    folder = Path(root).expanduser() / FOLDER
+    try:
+        stats = tuple((name, st.st_size, st.st_mtime_ns, st.st_ino)
+                      for name, st in ((n, (folder / n).stat()) for n in ALL_FILES))
+    except OSError:
+        return None
+    key = str(folder.resolve())
+    cached = _PRESENT.get(key)
+    if cached is None or cached[0] != stats:
+        try:
+            identity: Optional[DataIdentity] = verify_identity(folder)
+        except UserError:
+            identity = None
+        cached = _PRESENT[key] = (stats, identity)
+    return cached[1]
 
 
 def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -190,14 +314,19 @@ class Cifar10:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str
+    fingerprint: Optional[str] = None  # DataIdentity.fingerprint of the files loaded
+
+    @property
+    def identity(self) -> Optional[DataIdentity]:
+        return DataIdentity(self.source, self.fingerprint) if self.fingerprint else None
 
     def to(self, device: torch.device) -> "Cifar10":
         return Cifar10(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
-                       self.test_y.to(device), self.source)
+                       self.test_y.to(device), self.source, self.fingerprint)
 
 
 def load_cifar10(data_cfg, log=print) -> Cifar10:
-    folder, source = ensure_cifar10(data_cfg.resolved_root(), data_cfg.allow_download, log)
+    folder, identity = ensure_cifar10_identity(data_cfg.resolved_root(), data_cfg.allow_download, log)
     train_x, train_y = load_split(folder, train=True)
     test_x, test_y = load_split(folder, train=False)
     if data_cfg.train_subset is not None:
@@ -205,7 +334,7 @@ def load_cifar10(data_cfg, log=print) -> Cifar10:
             raise UserError(f"data.train_subset: got {data_cfg.train_subset}; the training set has {len(train_y)} images")
         idx = balanced_subset(train_y, data_cfg.train_subset)
         train_x, train_y = train_x[idx], train_y[idx]
-    return Cifar10(train_x, train_y, test_x, test_y, source)
+    return Cifar10(train_x, train_y, test_x, test_y, identity.source, identity.fingerprint)
 
 
 # ----------------------------------------------------------------------------- batches

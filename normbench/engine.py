@@ -3,7 +3,11 @@
 ``train(cfg)`` is the library entry point behind ``normbench train`` and every sweep cell.
 It returns the run's summary (also written to ``summary.json``). Guarantees:
 
-* a config whose run already completed is not trained again (unless ``fresh``);
+* a config whose run already completed is not trained again (unless ``fresh``), and a
+  summary or checkpoint made on other data (another fingerprint of ``data.root``'s files) is
+  refused, never reused;
+* one process at a time trains a run folder (the lock of :mod:`normbench.runlock`, shared
+  with the sweep); a run that fails before it starts leaves no folder behind;
 * a run with a checkpoint resumes from it and ends bit-identical (weights and metrics) to an
   uninterrupted run on the same device and thread count: batches derive from (seed, epoch),
   the LR from the step, and the logging accumulators travel in the checkpoint;
@@ -23,6 +27,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.config import RunConfig, dump_config
-from normbench.errors import UserError
+from normbench.errors import OtherDataError, UserError
 from normbench.flat_sgd import FlatSGD, flattenable
 from normbench.tracking import ReadOnlyRunDir, RunDir, TensorBoardLog, git_commit
 
@@ -147,8 +152,15 @@ def preflight(cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
     import copy
 
     probe = copy.deepcopy(model).to(device).train()
-    with torch.no_grad():
-        probe(torch.zeros(cfg.train.batch_size, 3, 32, 32, device=device))
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(cfg.train.batch_size, 3, 32, 32, device=device))
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in text and "out of memory" not in text:
+            raise
+        raise UserError(f"train.batch_size: got {cfg.train.batch_size}; one forward pass at this batch size "
+                        f"does not fit in the memory of {device}") from None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -327,9 +339,13 @@ class Trainer:
             "analysis": self.analysis.state_dict() if self.analysis is not None else {},
             "buffer_start": self._buffer_start,
             "metrics_size": self.run_dir.metrics_size(),
+            "data": {"source": self.data.source, "fingerprint": self.data.fingerprint},
         }
 
     def restore(self, ckpt: dict) -> None:
+        recorded = ckpt.get("data") or {}  # checkpoints written before data fingerprints: accepted
+        check_recorded_data(self.run_dir.path, "a checkpoint", recorded.get("source"), recorded.get("fingerprint"),
+                            self.data.identity, self.cfg)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.clipper.load_state_dict(ckpt["clipper"])
@@ -397,6 +413,8 @@ class Trainer:
     def step(self, plan, i: int) -> None:
         """One optimizer step on batch ``i`` of ``plan``: LR and schedules, then train_step."""
         st = self.state
+        if self.analysis is not None and self.analysis.next_probe_step == st.step:
+            self.analysis.probe_if_due(self)  # fixed-mode probe of the parameters before this step
         lr = lr_at(self.cfg, st.step, self.total_steps, self.steps_per_epoch, self.dist.world_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -530,6 +548,7 @@ class Trainer:
             "compiled": self.compile_mode,
             "torch_version": torch.__version__,
             "data_source": self.data.source,
+            "data_fingerprint": self.data.fingerprint,
             "train_size": len(self.data.train_y),
             "git_commit": git_commit(),
             "config": self.cfg.to_dict(),
@@ -541,25 +560,133 @@ def hparams_of(cfg: RunConfig) -> dict:
             "lr": cfg.optim.lr, "epochs": cfg.train.epochs, "seed": cfg.seed, "arch": cfg.model.arch}
 
 
-def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = None) -> dict:
+OTHER_DATA_REMEDY = ("give another log.out_dir or name to keep it and train on this data there, "
+                     "or rerun with --fresh to replace it")
+
+
+def check_recorded_data(run_path, what: str, source: Optional[str], fingerprint: Optional[str],
+                        current, cfg: RunConfig) -> None:
+    """Refuse (OtherDataError) when ``what`` in the run folder was made on data other than
+    ``current`` (a DataIdentity; None: unknown, nothing to check). A record with a
+    fingerprint must match it; one without (written before fingerprints were recorded) is
+    accepted when its data source matches, or when it names none."""
+    if current is None:
+        return
+    if fingerprint:
+        if fingerprint == current.fingerprint:
+            return
+        recorded = f"{source or 'unknown'} data {fingerprint}"
+    elif source is None or source == current.source:
+        return
+    else:
+        recorded = f"{source} data"
+    raise OtherDataError(f"run folder {run_path} holds {what} made on other data ({recorded}; data.root "
+                         f"{cfg.data.resolved_root()} holds {current.describe()})", OTHER_DATA_REMEDY)
+
+
+def check_summary_data(run_path, summary: dict, current, cfg: RunConfig) -> None:
+    check_recorded_data(run_path, f"a {summary.get('status')} run", summary.get("data_source"),
+                        summary.get("data_fingerprint"), current, cfg)
+
+
+def take_run_lock(run_dir: RunDir, dist_ctx, device: torch.device, wait: bool, progress: Progress,
+                  poll_s: float = 0.5):
+    """The run folder's lock (normbench.runlock), taken by rank 0 for all ranks. Held by another
+    process: one-line UserError naming the holder, or with ``wait`` poll until it is free."""
+    from normbench.distributed import all_reduce_max
+    from normbench.runlock import RunLock
+
+    lock = RunLock.of(run_dir.path)
+    told = False
+    while True:
+        got = True
+        if dist_ctx.is_main:
+            run_dir.create()  # again: a holder we waited for may have removed a folder it made
+            try:
+                got = lock.try_acquire()
+            except FileNotFoundError:
+                continue
+        if dist_ctx.enabled:  # every rank learns rank 0's answer
+            got = all_reduce_max(torch.tensor([0.0 if got else 1.0], device=device), dist_ctx).item() == 0
+        if got:
+            return lock
+        if not wait:
+            raise UserError(f"run folder {run_dir.path} is being trained by {lock.holder()} (it holds "
+                            f"{lock.path.name}); let it finish, or pass --wait to continue once it is done")
+        if not told:
+            progress.message(f"waiting for {lock.holder()}, which is training {run_dir.path}")
+            told = True
+        time.sleep(poll_s)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unstarted(run_dir: RunDir, created: list[Path]) -> None:
+    """A run that failed before its first file (a layer the norm cannot take, missing data):
+    remove the folders this call created, which hold nothing but the lock."""
+    from normbench.runlock import LOCK_NAME
+
+    if not created:
+        return
+    run_dir.remove_stale_temp_files()
+    (run_dir.path / LOCK_NAME).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = None, wait: bool = False) -> dict:
     """Train one run (or resume it, or return its summary if it already completed).
 
+    The run folder is locked for the whole call (normbench.runlock): another process that
+    holds it makes this raise a UserError naming it, or, with ``wait``, wait for it. A summary
+    or checkpoint made on other data than ``data.root``'s is refused (OtherDataError), never
+    reused. A run that fails before it has started leaves no folder behind.
     Under torchrun every rank calls this; only rank 0 writes the run folder."""
-    from normbench.distributed import barrier, init_from_env
+    from normbench.distributed import init_from_env, local_device
 
     dist_ctx = init_from_env(resolve_device(cfg.device))
     progress = progress if (progress is not None and dist_ctx.is_main) else Progress()
     run_dir = RunDir(cfg.run_dir()) if dist_ctx.is_main else ReadOnlyRunDir(cfg.run_dir())
+    created = _missing_dirs(run_dir.path) if dist_ctx.is_main else []
     run_dir.create()
+    lock = take_run_lock(run_dir, dist_ctx, local_device(resolve_device(cfg.device), dist_ctx), wait, progress)
+    started: list[bool] = []
+    try:
+        return _train_locked(cfg, fresh, progress, dist_ctx, run_dir, started)
+    except BaseException:
+        if not started and dist_ctx.is_main:
+            _remove_unstarted(run_dir, created)
+        raise
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: RunConfig, fresh: bool, progress: Progress, dist_ctx, run_dir: RunDir,
+                  started: list) -> dict:
+    from normbench.data import data_identity
+    from normbench.distributed import barrier
+
     if fresh:
         run_dir.wipe()
     barrier(dist_ctx)  # no rank reads the folder before rank 0 has wiped it
-    if not fresh:
-        existing = run_dir.read_summary()
-        if existing is not None and existing.get("status") == "completed":
-            progress.message(f"{run_dir.path} already completed; not training again (use --fresh to redo)")
-            return {**existing, "skipped": True}
+    existing = None if fresh else run_dir.read_summary()
+    if existing is not None and existing.get("status") == "completed":
+        check_summary_data(run_dir.path, existing, data_identity(cfg.data, progress.message), cfg)
+        progress.message(f"{run_dir.path} already completed; not training again (use --fresh to redo)")
+        return {**existing, "skipped": True}
     trainer = Trainer(cfg, run_dir, progress, dist_ctx)
+    if existing is not None:
+        check_summary_data(run_dir.path, existing, trainer.data.identity, cfg)
     ckpt = run_dir.load_checkpoint()
     if ckpt is not None:
         trainer.restore(ckpt)
@@ -567,6 +694,7 @@ def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = No
     else:
         run_dir.truncate_metrics(0)
     run_dir.write_config(dump_config(cfg))
+    started.append(True)
     stop = StopFlag()
     try:
         with stop.installed():
@@ -588,7 +716,10 @@ def dry_run(cfg: RunConfig) -> str:
     batch size), parameter count, run folder. Returns a short human-readable report."""
     from normbench.models import build_model
 
+    from normbench.tracking import check_folder_creatable
+
     device = resolve_device(cfg.device)
+    check_folder_creatable(cfg.log.out_dir, "log.out_dir")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     preflight(cfg, model, device)

@@ -16,8 +16,12 @@ members at every checkpoint, so a packed cell's folder is indistinguishable from
 and can even be resumed alone.
 
 Packable: the schemes whose layers are per-channel or grouped (bn, ghost_bn, gn, ln, in,
-frn without learned eps, none) with clip modes none and norm, and no analysis probes. Other
-cells run alone; :func:`why_not_packable` says why.
+frn without learned eps, none) with clip modes none and norm, and neither the lr-mode
+landscape probe nor activation histograms (both read each training step's own batch and
+gradient). The measurements that only need a member's parameters and buffers (the fixed-mode
+probe, dead units, the train-mode evaluation, precise BN) run on each member's own model,
+into which the packed network is unpacked first (an exact copy): the values are those of the
+same weights trained alone. Other cells run alone; :func:`why_not_packable` says why.
 """
 from __future__ import annotations
 
@@ -173,8 +177,10 @@ def why_not_packable(cfg: RunConfig) -> Optional[str]:
     if cfg.clip.mode not in PACKABLE_CLIP:
         return f"clip mode '{cfg.clip.mode}' is not per-member yet"
     a = cfg.analysis
-    if a.probe or a.hist_every or a.dead_units:
-        return "analysis probes run per model"
+    if a.probe and a.probe_mode != "fixed":
+        return "the lr-mode landscape probe reads each training step's own gradient (probe_mode fixed packs)"
+    if a.hist_every:
+        return "activation histograms read each training step's own batch"
     return None
 
 
@@ -303,7 +309,7 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
     Completed members are skipped; the rest must start from the same step (all new, or all
     resumed from checkpoints at the same step) — otherwise each trains alone."""
     from normbench import engine
-    from normbench.data import load_cifar10
+    from normbench.data import data_identity, load_cifar10
     from normbench.tracking import RunDir
 
     progress = progress or engine.Progress()
@@ -315,6 +321,7 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
         if reason:
             raise UserError(f"cannot pack {c.run_name}: {reason}")
     summaries: dict[int, dict] = {}
+    recorded: dict[int, dict] = {}
     todo = []
     for idx, cfg in enumerate(cfgs):
         run_dir = RunDir(cfg.run_dir())
@@ -323,9 +330,12 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
             run_dir.wipe()
         existing = run_dir.read_summary()
         if existing is not None and existing.get("status") == "completed":
+            engine.check_summary_data(run_dir.path, existing, data_identity(cfg.data, progress.message), cfg)
             summaries[idx] = {**existing, "skipped": True}
         else:
             todo.append(idx)
+            if existing is not None:
+                recorded[idx] = existing
     if not todo:
         return [summaries[i] for i in range(len(cfgs))]
     lead_cfg = cfgs[todo[0]]
@@ -337,6 +347,8 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
     for idx in todo:
         cfg = cfgs[idx]
         trainer = engine.Trainer(cfg, RunDir(cfg.run_dir()), engine.Progress(), data=data)
+        if idx in recorded:
+            engine.check_summary_data(trainer.run_dir.path, recorded[idx], data.identity, cfg)
         ckpt = trainer.run_dir.load_checkpoint()
         if ckpt is not None:
             trainer.restore(ckpt)
@@ -366,6 +378,19 @@ def _save_members(members: list, walls: list, t0: float, status: dict) -> float:
     return time.perf_counter()
 
 
+def _probe_members(packed: PackedTrainer, status: dict) -> None:
+    """Fixed-mode probes due before this step: unpack the packed weights and buffers into the
+    members (exact copies), then each member probes its own model, as a run alone does."""
+    step = packed.members[0].state.step
+    due = [m for m in packed.members
+           if m.analysis is not None and m.analysis.next_probe_step == step and status[id(m)] == "completed"]
+    if not due:
+        return
+    packed.unpack_into_members()
+    for m in due:
+        m.analysis.probe_if_due(m)
+
+
 def _run_packed(packed: PackedTrainer, progress) -> None:
     from normbench.data import EpochPlan
     from normbench.engine import buffers_finite
@@ -387,6 +412,7 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
             plans = [EpochPlan(len(m.data.train_y), m.cfg.train.batch_size, m.cfg.seed, epoch, m.cfg.data.augment,
                                m.device) for m in members]
             for i in range(in_epoch, lead.steps_per_epoch):
+                _probe_members(packed, status)
                 packed.step(plans, i)
                 if len(lead._buffers["loss"]) >= cfg.train.log_every or i == lead.steps_per_epoch - 1:
                     for m, tb in zip(members, tbs):
@@ -417,6 +443,9 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                     tb.scalars(m.state.step, {"test/loss": result["loss"], "test/acc": result["acc"]})
             else:
                 packed.unpack_into_members()
+            for m, tb in zip(members, tbs):  # probes due now, dead units: on each member's own model
+                if m.analysis is not None and status[id(m)] == "completed":
+                    m.analysis.on_epoch_end(m, epoch_done, tb)
             last_save = _save_members(members, walls, t0, status)
             progress.message(f"packed x{packed.k}: epoch {epoch_done} done")
     finally:

@@ -4,7 +4,7 @@
 tree of loose runs). It tolerates what a live or broken sweep leaves behind: a run folder
 with a ``config.yaml`` but no summary yet counts as *running*, and an unreadable summary is
 skipped with a warning (the engine writes summaries atomically, so a torn one is corruption,
-not a race).
+not a race); so is a malformed one, and a value it cannot average is a warning too.
 
 :func:`build_report` groups runs by *method* (the norm kind, ``+clip mode`` when clipping is
 on, plus any other config key that differs between runs of the same norm, clip and batch
@@ -81,7 +81,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def collect(folder: Path, warn: Callable[[str], None] = lambda m: None) -> list[Run]:
-    """Every run under ``folder`` (summaries, and run folders still in progress)."""
+    """Every run under ``folder`` (summaries, and run folders still in progress).
+
+    Nothing malformed ends in a traceback or goes unsaid: a summary that cannot be read or
+    placed in a table (not a JSON object, unknown status, a config key of the wrong type) is
+    left out with one ``warn`` line naming the file and the run; a value that cannot be
+    averaged (a completed run without its accuracy, a metric that is not a finite number) is
+    one line naming the file, the key, the run and the table it is left out of, whose n then
+    counts only the runs averaged."""
     from normbench.tracking import read_summary
 
     folder = Path(folder)
@@ -89,16 +96,24 @@ def collect(folder: Path, warn: Callable[[str], None] = lambda m: None) -> list[
         raise UserError(f"report: {folder} is not a folder")
     runs: list[Run] = []
     seen: set[Path] = set()
+    numeric = _NUMERIC_KEYS + tuple(k for k, _ in analysis_columns()[0] if k not in _NUMERIC_KEYS)
     for path in sorted(folder.rglob("summary.json")):
         try:
             summary = read_summary(path)
         except UserError as err:
+            seen.add(path.parent)  # named as left out: not listed as running either
             warn(f"skipping {path}: {err}")
             continue
-        if summary is None or not isinstance(summary.get("config"), dict):
+        if summary is None:
             continue
         seen.add(path.parent)
-        runs.append(Run(path.parent, str(summary.get("status")), summary["config"], summary))
+        problem = _run_problem(summary)
+        if problem is not None:
+            warn(f"skipping {path}: {problem}; run {path.parent.name} left out of the report")
+            continue
+        for line in _value_problems(summary, numeric, path.parent.name):
+            warn(f"{path}: {line}")
+        runs.append(Run(path.parent, summary["status"], summary["config"], summary))
     for path in sorted(folder.rglob("config.yaml")):
         if path.parent in seen or not (path.parent / "metrics.jsonl").exists() and not (path.parent / "checkpoint.pt").exists():
             continue  # a finished run, or a plain config file rather than a run folder
@@ -107,9 +122,93 @@ def collect(folder: Path, warn: Callable[[str], None] = lambda m: None) -> list[
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(config, dict) and isinstance(config.get("norm"), dict) and isinstance(config.get("train"), dict):
+            problem = _config_problem(config)
+            if problem is not None:
+                warn(f"skipping {path}: {problem}; running run {path.parent.name} left out of the report")
+                continue
             runs.append(Run(path.parent, "running", config))
     _assign_methods(runs)
     return runs
+
+
+# Summary statuses the engine writes (a folder without a summary is "running").
+STATUSES = ("completed", "diverged", "failed", "interrupted")
+# Summary keys the report averages, and the table each one feeds.
+_NUMERIC_KEYS = ("final_test_acc", "best_test_acc", "images_per_s", "wall_time_s", "epochs")
+_TABLE_OF = {"final_test_acc": "the test accuracy table (--metric final)",
+             "best_test_acc": "the test accuracy table (--metric best)",
+             "images_per_s": "the throughput table", "wall_time_s": "the seconds-per-epoch table",
+             "epochs": "the seconds-per-epoch table"}
+# Keys every completed run has (the engine's final evaluation).
+_REQUIRED_IF_COMPLETED = ("final_test_acc", "best_test_acc")
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in the JSON file, on one line and at most 40 characters."""
+    try:
+        text = json.dumps(value, default=str)
+    except ValueError:
+        text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_problem(config: Any) -> Optional[str]:
+    """Why a run's config cannot place it in a table (None when it can): the keys that make
+    its row and column must be there with the types the engine writes."""
+    if not isinstance(config, dict):
+        return f"config is {_show(config)}, not a mapping"
+    for section in ("norm", "train"):
+        if not isinstance(config.get(section), dict):
+            what = _show(config[section]) if section in config else "missing"
+            return f"config.{section} is {what}, not a mapping"
+    for section in ("clip", "model"):
+        if section in config and not isinstance(config[section], dict):
+            return f"config.{section} is {_show(config[section])}, not a mapping"
+    kind = config["norm"].get("kind")
+    if not isinstance(kind, str) or not kind:
+        return f"norm.kind is {_show(kind) if 'kind' in config['norm'] else 'missing'}, not a scheme name"
+    mode = config.get("clip", {}).get("mode", "none")
+    if mode is not None and not isinstance(mode, str):
+        return f"clip.mode is {_show(mode)}, not a mode name"
+    batch = config["train"].get("batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        what = _show(batch) if "batch_size" in config["train"] else "missing"
+        return f"train.batch_size is {what}, not a positive integer"
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"seed is {_show(seed)}, not an integer"
+    return None
+
+
+def _run_problem(summary: dict) -> Optional[str]:
+    """Why a summary cannot be a run of the report (None when it can)."""
+    status = summary.get("status")
+    if status not in STATUSES:
+        return f"status is {_show(status)}, not one of {', '.join(STATUSES)}"
+    return _config_problem(summary.get("config"))
+
+
+def _value_problems(summary: dict, keys: tuple, run: str) -> list[str]:
+    """One line per value the report cannot average: a completed run without its final or
+    best accuracy, or any of ``keys`` that is there but not a finite number (null is "not
+    measured" for the others). ``run`` names the run (its folder)."""
+    out = []
+    for key in keys:
+        value = summary.get(key)
+        table = _TABLE_OF.get(key, f"the '{key}' table")
+        if _is_number(value):
+            continue
+        if value is None:
+            if key in _REQUIRED_IF_COMPLETED and summary.get("status") == "completed":
+                what = "null" if key in summary else "missing"
+                out.append(f"{key} is {what} in a completed run; run {run} left out of {table}")
+            continue
+        out.append(f"{key} is {_show(value)}, not a number; run {run} left out of {table}")
+    return out
 
 
 def base_method(config: dict) -> str:
@@ -220,10 +319,15 @@ def _fmt(value: Optional[float], digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _cell_text(stat: CellStat, digits: int, with_std: bool) -> str:
+def _cell_text(stat: CellStat, digits: int, with_std: bool, required: bool = False) -> str:
+    """``required``: every completed run should have the value (the accuracy table), so those
+    without it are counted in the text ("+1 no value") and named by a warning in collect."""
     if stat.missing:
         return "missing"
+    no_value = stat.n_nodata if required else 0
     if not stat.values:
+        if no_value:
+            return "no value" + (f" ({no_value}/{len(stat.runs)})" if len(stat.runs) > 1 else "")
         if stat.n_diverged:
             return "diverged" + (f" ({stat.n_diverged}/{len(stat.runs)})" if len(stat.runs) > 1 else "")
         if stat.n_failed:
@@ -239,7 +343,8 @@ def _cell_text(stat: CellStat, digits: int, with_std: bool) -> str:
     if with_std:
         text += f" (n={stat.n})"
     extra = [f"{k} {what}" for k, what in ((stat.n_diverged, "div"), (stat.n_failed, "failed"),
-                                             (stat.n_running, "running"), (stat.n_interrupted, "interrupted")) if k]
+                                             (stat.n_running, "running"), (stat.n_interrupted, "interrupted"),
+                                             (no_value, "no value")) if k]
     if extra:
         text += " +" + ", +".join(extra)
     return text
@@ -257,7 +362,8 @@ def _value(summary: dict, key: str) -> Optional[float]:
 
 
 def _table(runs: list[Run], key: str, title: str, unit: str, get: Callable[[Run], Optional[float]],
-           better: Optional[str], digits: int, completed_only: bool, with_std: bool = True, note: str = "") -> Table:
+           better: Optional[str], digits: int, completed_only: bool, with_std: bool = True, note: str = "",
+           required: bool = False) -> Table:
     methods = sorted({r.method for r in runs}, key=_method_sort_key)
     batches = sorted({r.batch_size for r in runs})
     cells: dict[tuple[str, int], CellStat] = {}
@@ -279,7 +385,7 @@ def _table(runs: list[Run], key: str, title: str, unit: str, get: Callable[[Run]
         elif run.status == "completed":
             stat.n_nodata += 1  # completed without this value (e.g. an analysis that was off)
     for stat in cells.values():
-        stat.text = _cell_text(stat, digits, with_std)
+        stat.text = _cell_text(stat, digits, with_std, required)
     if better:
         for batch in batches:
             column = [cells[(m, batch)] for m in methods if (m, batch) in cells and cells[(m, batch)].values]
@@ -321,8 +427,9 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
     which = "at the end of training" if metric == "final" else "best evaluation"
     tables = [
         _table(runs, f"test_{what}", f"Test {what} (%), {which}", "%", acc, "min" if error else "max", 2, True,
-               note="mean ± std over seeds (n completed); best per batch size marked; "
-                    "div = diverged runs, not in the mean"),
+               note="mean ± std over seeds (n = runs averaged); best per batch size marked; "
+                    "div = diverged runs, not in the mean; no value = completed runs without the "
+                    "accuracy (named in a warning), not in the mean", required=True),
         _table(runs, "images_per_s", "Training throughput (images/s)", "img/s",
                lambda r: _value(r.summary, "images_per_s"), "max", 0, False, with_std=False,
                note="mean over seeds of the training-step throughput (evaluation excluded)"),
@@ -443,7 +550,9 @@ def to_json(report: Report) -> str:
         "runs": [{"path": str(r.path), "status": r.status, "method": r.method, "batch_size": r.batch_size,
                   "seed": r.seed} for r in report.runs],
     }
-    return json.dumps(body, indent=2) + "\n"
+    from normbench.tracking import dumps_json
+
+    return dumps_json(body, indent=2) + "\n"
 
 
 def parse_formats(items: list[str]) -> list[str]:

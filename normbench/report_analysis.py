@@ -192,8 +192,9 @@ def _probe_records(run_dir: Path) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if "probe/loss_range" in rec:
-            out.append(rec)
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and "probe/loss_range" in rec:
+            out.append(rec)  # a record without an integer step cannot be placed on the curve
     return sorted(out, key=lambda r: r["step"])
 
 
@@ -218,7 +219,8 @@ def _seed_mean(runs: list[list[dict]], key: str) -> tuple[list[float], list[floa
         for rec in recs:
             v = _num(rec.get(key))
             if v is not None:
-                by_step[rec["step"]].append((float(rec.get("epoch", rec["step"])), v))
+                epoch = _num(rec.get("epoch"))
+                by_step[rec["step"]].append((rec["step"] if epoch is None else epoch, v))
     steps = [st for st in sorted(by_step) if len(by_step[st]) == len(runs)]
     epochs = [mean(e for e, _ in by_step[st]) for st in steps]
     return epochs, _running_median([mean(v for _, v in by_step[st]) for st in steps])

@@ -55,11 +55,11 @@ from typing import Any, Callable, Iterator, Optional
 from pydantic import BaseModel
 
 from normbench.config import RunConfig, deep_merge, load_config_dict, read_yaml, validate_config
-from normbench.errors import UserError, did_you_mean
+from normbench.errors import OtherDataError, RunFolderError, UserError, did_you_mean
+from normbench.runlock import LOCK_NAME, RunLock
 
 SWEEP_KEYS = ("description", "base", "out_dir", "name", "set", "grid", "rules")
 RULE_KEYS = ("where", "set")
-LOCK_NAME = ".lock"
 TRAIN_LOG = "train.log"
 MANIFEST = "sweep.json"
 ATTEMPT_MARK = "=== normbench sweep: training"
@@ -353,6 +353,9 @@ def load_sweep(path: Path, out_dir: Optional[Path] = None, overrides: Optional[d
     if not isinstance(out, (str, Path)):
         raise UserError(f"{where} out_dir: expected a folder path, got {out!r}")
     out_path = Path(out).expanduser().resolve()
+    from normbench.tracking import check_folder_creatable
+
+    check_folder_creatable(out_path, "--out" if out_dir is not None else f"{where} out_dir")
 
     base_raw = deep_merge(base_raw, nest(fixed))
     cells: list[Cell] = []
@@ -416,61 +419,22 @@ def preflight_cells(cells: list[Cell]) -> None:
 # ----------------------------------------------------------------------------- cell state and locks
 
 
-class CellLock:
-    """An exclusive ``fcntl.flock`` on ``<run dir>/.lock`` holding ``pid@host``.
+CellLock = RunLock  # the sweep's name for the per-run lock (normbench.runlock)
 
-    The kernel releases a flock when the holding process dies, however it dies, so a lock
-    left by a killed sweep is free again at once; the file itself is left in place (removing
-    it would race with a process that has just opened it)."""
+# What a sweep user does about a cell whose folder cannot be used as it is (the run folder's
+# own messages name `normbench train`'s --fresh).
+RETRAIN_REMEDY = "run the sweep again with --rerun-failed to retrain the cell from scratch"
+OTHER_DATA_REMEDY = ("give the sweep another --out to keep those results, or run it with --force to retrain "
+                     "every cell on this data")
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.fd: Optional[int] = None
 
-    def try_acquire(self) -> bool:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
-        self.fd = fd
-        return True
-
-    def acquire(self, wait: bool, should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.5) -> bool:
-        while True:
-            if self.try_acquire():
-                return True
-            if not wait or should_stop():
-                return False
-            time.sleep(poll_s)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "another process"
-        except OSError:
-            return "another process"
-
-    def is_held(self) -> bool:
-        """True when some process holds the lock now (never creates the file)."""
-        if not self.path.exists():
-            return False
-        if self.try_acquire():
-            self.release()
-            return False
-        return True
+def sweep_remedy(err: UserError) -> UserError:
+    """``err`` restated with the sweep's flags where it is about a run folder."""
+    if isinstance(err, OtherDataError):
+        return err.with_remedy(OTHER_DATA_REMEDY)
+    if isinstance(err, RunFolderError):
+        return err.with_remedy(RETRAIN_REMEDY)
+    return err
 
 
 def _safe_summary(run_dir: Path) -> tuple[Optional[dict], Optional[str]]:
@@ -479,11 +443,28 @@ def _safe_summary(run_dir: Path) -> tuple[Optional[dict], Optional[str]]:
     try:
         return read_summary(run_dir / "summary.json"), None
     except UserError as err:
-        return None, str(err)
+        return None, str(sweep_remedy(err))
+
+
+def other_data(cfg: RunConfig, summary: Optional[dict]) -> Optional[OtherDataError]:
+    """The refusal for a cell whose summary was made on other data than its ``data.root``
+    holds (the same rule as ``normbench train``); None when it matches, or when the data is
+    not there to compare (it is prepared before any cell trains, and the engine checks again)."""
+    from normbench.data import present_identity
+    from normbench.engine import check_summary_data
+
+    if summary is None:
+        return None
+    try:
+        check_summary_data(cfg.run_dir(), summary, present_identity(cfg.data.resolved_root()), cfg)
+    except OtherDataError as err:
+        return err.with_remedy(OTHER_DATA_REMEDY)
+    return None
 
 
 def cell_state(cell: Cell) -> str:
-    """done | diverged | failed | partial | running (locked by a live process) | new."""
+    """done | diverged | failed | partial | running (locked by a live process) | new |
+    other-data (the folder holds a run on other data than the cell's data.root)."""
     run_dir = cell.run_dir
     summary, problem = _safe_summary(run_dir)
     if CellLock(run_dir / LOCK_NAME).is_held():
@@ -491,6 +472,8 @@ def cell_state(cell: Cell) -> str:
     if problem is not None:
         return "failed"
     if summary is not None:
+        if other_data(cell.cfg, summary) is not None:
+            return "other-data"
         status = summary.get("status")
         if status == "completed":
             return "done"
@@ -590,6 +573,9 @@ def run_cell(task: dict, notify: Optional[Callable[..., None]] = None,
         existing, problem = _safe_summary(run_dir.path)
         status = existing.get("status") if existing else None
         mode = task.get("mode", "normal")
+        refusal = other_data(cfg, existing) if mode != "force" else None
+        if refusal is not None:
+            return _result(task, "refused", existing, error=str(refusal))
         if status == "completed":
             if mode != "force":
                 return _result(task, "skipped", existing)
@@ -614,7 +600,12 @@ def _train_cell(task: dict, cfg: RunConfig, run_dir, fresh: bool, notify) -> dic
 
             summary = train(cfg, fresh=fresh, progress=_cell_progress(notify, task["index"]))
         except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
-            text = traceback.format_exc()
+            if isinstance(err, UserError):
+                err = sweep_remedy(err)
+            if isinstance(err, OtherDataError):  # another run's results: left as they are, nothing recorded
+                print(str(err), flush=True)
+                return _result(task, "refused", error=str(err))
+            text = f"{err}\n" if isinstance(err, UserError) else traceback.format_exc()  # a user error: its one line
             print(text, flush=True)
             summary, _ = _safe_summary(run_dir.path)
             if summary is None or summary.get("status") != "failed" or not run_dir.error_log.exists():
@@ -651,6 +642,10 @@ def run_pack(task: dict, notify: Optional[Callable[..., None]] = None) -> dict:
             locks.append(lock)
             existing, problem = _safe_summary(run_dir.path)
             status = existing.get("status") if existing else None
+            refusal = other_data(cfg, existing) if member.get("mode") != "force" else None
+            if refusal is not None:
+                results.append(_result(member, "refused", existing, error=str(refusal)))
+                continue
             if status == "completed" or (status in ("failed", "diverged") and member.get("mode") == "normal"):
                 results.append(_result(member, "skipped", existing))
                 continue
@@ -668,14 +663,23 @@ def run_pack(task: dict, notify: Optional[Callable[..., None]] = None) -> dict:
                 try:
                     summaries = train_packed([cfg for _, cfg, _ in members], progress=_cell_progress(
                         notify, members[0][0]["index"]), fresh=fresh)
+                except OtherDataError as err:  # a member's checkpoint: leave every folder as it is
+                    err = sweep_remedy(err)
+                    print(str(err), flush=True)
+                    for member, _, _ in members:
+                        results.append(_result(member, "refused", error=str(err)))
+                    members, summaries = [], []
                 except Exception as err:  # noqa: BLE001 - record every member as failed, go on
                     text = traceback.format_exc()
+                    why = type(err).__name__
+                    if isinstance(err, UserError):
+                        why = str(sweep_remedy(err))
+                        text = why + "\n"
                     print(text, flush=True)
                     summaries = []
                     for member, cfg, run_dir in members:
                         run_dir.write_error_log(text)
-                        run_dir.write_summary(_failed_summary(cfg, f"packed training failed: {type(err).__name__}",
-                                                              run_dir))
+                        run_dir.write_summary(_failed_summary(cfg, f"packed training failed: {why}", run_dir))
                         summaries.append(run_dir.read_summary())
             for (member, cfg, run_dir), summary in zip(members, summaries):
                 if run_dir.path / TRAIN_LOG != log:
@@ -690,8 +694,10 @@ def run_pack(task: dict, notify: Optional[Callable[..., None]] = None) -> dict:
     return {**lead, "outcome": outcome, "members": results}
 
 
-def pack_tasks(tasks: list[dict], pack: int) -> list[dict]:
-    """Group tasks whose cells differ only in seed into pack tasks of up to ``pack`` cells."""
+def pack_tasks(tasks: list[dict], pack: int, pack_max_batch: Optional[int] = None) -> list[dict]:
+    """Group tasks whose cells differ only in seed into pack tasks of up to ``pack`` cells;
+    with ``pack_max_batch``, only cells whose batch size is at most that (packing pays at
+    small batches, where one network leaves the cores idle)."""
     from normbench.packed import pack_key, why_not_packable
 
     if pack <= 1:
@@ -700,7 +706,8 @@ def pack_tasks(tasks: list[dict], pack: int) -> list[dict]:
     out: list[dict] = []
     for task in tasks:
         cfg = RunConfig.model_validate(task["config"])
-        if why_not_packable(cfg) is not None:
+        too_large = pack_max_batch is not None and cfg.train.batch_size > pack_max_batch
+        if too_large or why_not_packable(cfg) is not None:
             out.append(task)
             continue
         groups.setdefault((pack_key(cfg), task["mode"]), []).append(task)
@@ -738,13 +745,20 @@ class Plan:
     since: float = field(default_factory=time.time)
 
 
-def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bool = False, pack: int = 1) -> Plan:
+def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bool = False, pack: int = 1,
+               pack_max_batch: Optional[int] = None) -> Plan:
     """Decide, per cell, whether to train it; tasks come out longest first (a cheap proxy)."""
     states = {cell.index: cell_state(cell) for cell in sweep.cells}
     mode = "force" if force else "rerun" if rerun_failed else "normal"
+    foreign = [cell for cell in sweep.cells if states[cell.index] == "other-data"]
+    if foreign and not force:
+        cell = foreign[0]
+        more = f" (and {len(foreign) - 1} more cell(s))" if len(foreign) > 1 else ""
+        raise UserError(f"sweep cell {cell.index} '{cell.name}'{more}: "
+                        f"{other_data(cell.cfg, _safe_summary(cell.run_dir)[0])}")
     runnable = {"normal": {"new", "partial", "running"},
                 "rerun": {"new", "partial", "running", "failed", "diverged"},
-                "force": {"new", "partial", "running", "failed", "diverged", "done"}}[mode]
+                "force": {"new", "partial", "running", "failed", "diverged", "done", "other-data"}}[mode]
     since = time.time()
     tasks, skipped = [], []
     for cell in sweep.cells:
@@ -755,7 +769,7 @@ def plan_sweep(sweep: Sweep, threads: int, force: bool = False, rerun_failed: bo
         tasks.append({"index": cell.index, "name": cell.name, "run_dir": str(cell.run_dir), "config": cfg.to_dict(),
                       "mode": mode, "wait": False, "since": since, "cost": cost_proxy(cell.cfg)})
     tasks.sort(key=lambda t: -t["cost"])
-    return Plan(sweep, states, pack_tasks(tasks, pack), skipped, threads, since)
+    return Plan(sweep, states, pack_tasks(tasks, pack, pack_max_batch), skipped, threads, since)
 
 
 STEP_OVERHEAD_IMAGES = {"cpu": 3, "other": 24}  # a step's fixed cost, in images' worth of compute
@@ -959,7 +973,7 @@ class SweepDisplay:
 
 
 def _result_line(result: dict) -> str:
-    status = result.get("status") or result["outcome"]
+    status = "refused" if result["outcome"] == "refused" else result.get("status") or result["outcome"]
     bits = [f"{result['name']}: {status}"]
     if result["outcome"] == "skipped":
         bits[0] += " (already recorded, not trained)"
@@ -968,7 +982,7 @@ def _result_line(result: dict) -> str:
     if status == "diverged" and result.get("diverged_step") is not None:
         bits.append(f"at step {result['diverged_step']}")
     if result.get("error"):
-        bits.append(result["error"][:160])
+        bits.append(result["error"][:240])
     if result.get("wall_time_s") is not None and result["outcome"] == "trained":
         bits.append(fmt_duration(result["wall_time_s"]))
     if status in ("failed", "diverged"):
@@ -1103,7 +1117,7 @@ class RichSweepDisplay(SweepDisplay):
                                "will wait for it at the end")
         else:
             self.c.finish(result["index"])
-            bad = result.get("status") in ("failed", "diverged")
+            bad = result.get("status") in ("failed", "diverged") or result["outcome"] == "refused"
             self.c.failed += bad
             self.console.print(f"[{'red' if bad else 'green'}]{'✗' if bad else '✓'}[/] {_result_line(result)}",
                                highlight=False)
@@ -1360,6 +1374,122 @@ class LocalExecutor:
 
 # ----------------------------------------------------------------------------- Ray executor
 
+# How long the cluster named by --address may take to answer before the sweep gives up. Ray's
+# own client waits about 35 s per attempt, 20 attempts, inside C++ calls that neither a
+# deadline nor SIGTERM reaches, so the sweep checks first (see _ray_probe).
+RAY_CONNECT_TIMEOUT_S = 12.0
+_RAY_TOKEN_FIX = ("copy the head node's ~/.ray/auth_token to this machine (`ray get-auth-token` on the head "
+                  "prints it; RAY_AUTH_TOKEN=... works too)")
+
+
+def _ray_gcs_address(address: str) -> str:
+    """``address`` (HOST:PORT or auto) as Ray will dial it; one-line UserError when malformed
+    or when ``auto`` finds no cluster started on this machine."""
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--address: got '{address}'; give HOST:PORT of the head node's Ray (GCS) port, "
+                            "e.g. 10.0.0.1:6379, or auto")
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:  # another Ray layout: let ray.init resolve it
+        return address
+    try:
+        return canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as err:
+        raise UserError(f"--backend ray: --address {address}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _ray_use_local_token() -> None:
+    """Authenticate with this machine's Ray token when RAY_AUTH_MODE is unset and a token exists
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): what `ray start --head` does
+    when it starts the cluster, and what ray.init does for ``auto`` but not for HOST:PORT. A
+    cluster without authentication accepts a client that sends a token."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray caches its config: make this process see the mode
+
+
+def _ray_auth_refused(address: str) -> UserError:
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if mode.lower() == "token":
+        why = "rejected this machine's Ray token; " + _RAY_TOKEN_FIX
+    elif mode:
+        why = f"requires token authentication but RAY_AUTH_MODE={mode} here; unset it (or set " \
+              f"RAY_AUTH_MODE=token) and {_RAY_TOKEN_FIX}"
+    else:
+        why = "requires token authentication and this machine has no Ray token; " + _RAY_TOKEN_FIX
+    return UserError(f"--backend ray: the Ray cluster at {address} {why}")
+
+
+def _ray_probe(gcs_address: str, shown: str, timeout: float) -> None:
+    """Make sure the cluster's GCS answers, within ``timeout`` s in all, with the main thread
+    free for SIGINT/SIGTERM: first a plain TCP connection (retried while refused, so a head
+    that is still starting gets the time), then Ray's own client in a daemon thread, which
+    also tells whether the cluster accepts this machine's authentication. UserError (one
+    line) when nothing answers in time, when authentication is refused, or on another failure."""
+    import threading
+
+    deadline = time.monotonic() + timeout
+    host, _, port = gcs_address.rpartition(":")
+    host = host.strip("[]")
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UserError(f"--backend ray: no Ray cluster answered at {shown} within {timeout:.0f} s "
+                            "(is `ray start --head` running there, and is this its --port, 6379 by default?)")
+        try:
+            socket.create_connection((host, int(port)), timeout=min(left, 3.0)).close()
+            break
+        except socket.gaierror:
+            raise UserError(f"--backend ray: --address {shown}: unknown host '{host}'") from None
+        except OSError:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:  # another Ray layout: leave the rest to ray.init
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def attempt() -> None:
+        try:
+            GcsClient(address=gcs_address)
+        except BaseException as err:  # noqa: BLE001
+            outcome["error"] = err
+
+    probe = threading.Thread(target=attempt, name="normbench-ray-probe", daemon=True)
+    # Ray's C++ client logs its failed attempts straight to fd 2 (at 5 s and 10 s into one,
+    # then at 40 s, after the sweep has given up and gone): keep them out of the one-line error
+    saved, quiet = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    try:
+        probe.start()
+        probe.join(max(1.0, deadline - time.monotonic()))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(quiet)
+    if probe.is_alive():
+        raise UserError(f"--backend ray: {shown} accepts connections but no Ray cluster answered there within "
+                        f"{timeout:.0f} s (is this the head node's Ray --port, 6379 by default?)")
+    err = outcome.get("error")
+    if err is None:
+        return
+    if type(err).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(err):
+        raise _ray_auth_refused(shown)
+    raise UserError(f"--backend ray: cannot connect to a Ray cluster at {shown}: {_first_line(err)}")
+
 
 def _ray_cell_task(task: dict) -> dict:
     """Body of one Ray task: the same locking, skipping and resuming as a local worker."""
@@ -1375,7 +1505,9 @@ def _ray_cell_task(task: dict) -> dict:
 
 class RayExecutor:
     """Each cell a Ray task with ``num_cpus=threads`` and ``num_gpus=gpus``. ``address``:
-    None starts a private local Ray instance sized to ``local_cpus``; otherwise connect."""
+    None starts a private local Ray instance sized to ``local_cpus`` (even with RAY_ADDRESS set);
+    otherwise connect, giving up after :data:`RAY_CONNECT_TIMEOUT_S`. SIGINT/SIGTERM, while
+    connecting or training, stop the sweep with exit code 130/143."""
 
     def __init__(self, address: Optional[str], threads: int, gpus: float, display: SweepDisplay,
                  local_cpus: Optional[int] = None):
@@ -1384,8 +1516,6 @@ class RayExecutor:
         self.exit_code = 130
 
     def run(self, tasks: list[dict]) -> list[dict]:
-        import logging
-
         try:
             import ray
         except ImportError:
@@ -1393,56 +1523,112 @@ class RayExecutor:
         if not tasks:
             return []
         absolute_data_roots(tasks)
-        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
-                                  "configure_logging": True}
+        old_handlers = self._install_signal_handlers()
         try:
-            if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(num_cpus=self.local_cpus, include_dashboard=False, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--backend ray: cannot connect to a Ray cluster at {self.address or 'a new local instance'}: "
-                            f"{first}") from None
-        try:
-            remote = ray.remote(_ray_cell_task)
-            opts = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_retries": 0}
-            by_index = {t["index"]: t for t in tasks}
-            refs = {remote.options(**opts).remote(t): t["index"] for t in tasks}
-            deferred: list[dict] = []
-            results: dict[int, dict] = {}
             try:
-                while refs or deferred:
-                    if not refs:
-                        refs = {remote.options(**opts).remote({**t, "wait": True}): t["index"] for t in deferred}
-                        for t in deferred:
-                            by_index[t["index"]] = {**t, "wait": True}
-                        deferred = []
-                    done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
-                    for ref in done:
-                        index = refs.pop(ref)
-                        try:
-                            result = ray.get(ref)
-                        except ray.exceptions.RayError as err:
-                            text = str(err)
-                            if "No module named 'normbench'" in text:
-                                raise UserError("--backend ray: the Ray workers cannot import normbench; install it "
-                                                "on every node (pip install -e '.[ray]')") from None
-                            result = _result(by_index[index], "trained", {"status": "failed"},
-                                             error=f"Ray task failed: {text.strip().splitlines()[0][:200]}")
-                        self.display.finished(result)
-                        if result["outcome"] == "locked" and not by_index[index].get("wait"):
-                            deferred.append(by_index[index])
-                        else:
-                            results[index] = result
+                self._connect(ray)
             except KeyboardInterrupt:
                 self.interrupted = True
-                self.display.message("stopping: cancelling Ray tasks (finished epochs are checkpointed)")
-                for ref in refs:
-                    ray.cancel(ref)
-            return [results[t["index"]] for t in tasks if t["index"] in results]
+                self.display.message("stopping: interrupted while connecting to Ray; nothing was submitted")
+                return []
+            self._install_signal_handlers()  # ray.init replaced the SIGTERM handler with its own
+            return self._submit(ray, tasks)
         finally:
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            finally:
+                self._restore_signal_handlers(old_handlers)
+
+    def _connect(self, ray) -> None:
+        import logging
+
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
+                                  "configure_logging": True}
+        if not self.address:
+            try:
+                ray.init(address="local", num_cpus=self.local_cpus, include_dashboard=False, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                raise UserError(f"--backend ray: cannot start a local Ray instance: {_first_line(err)}") from None
+            return
+        gcs = _ray_gcs_address(self.address)
+        _ray_use_local_token()
+        self.display.message(f"connecting to the Ray cluster at {self.address} "
+                             f"(giving up after {RAY_CONNECT_TIMEOUT_S:.0f} s)")
+        _ray_probe(gcs, self.address, RAY_CONNECT_TIMEOUT_S)
+        try:
+            ray.init(address=self.address, **kwargs)
+        except SystemExit as err:  # the SIGTERM handler ray.init installs calls sys.exit(signum)
+            if err.code == signal.SIGTERM:
+                self.exit_code = 143
+                raise KeyboardInterrupt from None
+            raise
+        except Exception as err:  # noqa: BLE001
+            text = f"{err} {err.__cause__ or ''}"
+            if type(err).__name__ == "AuthenticationError" or "InvalidAuthToken" in text:
+                raise _ray_auth_refused(self.address) from None
+            hint = (" (run the sweep on a node of the cluster, one where `ray start` ran)"
+                    if "No node info found" in text else "")
+            raise UserError(f"--backend ray: cannot connect to a Ray cluster at {self.address}: "
+                            f"{_first_line(err)}{hint}") from None
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            self.exit_code = 130 if signum == signal.SIGINT else 143
+            raise KeyboardInterrupt
+
+        for s in old:
+            signal.signal(s, handler)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
+
+    def _submit(self, ray, tasks: list[dict]) -> list[dict]:
+        remote = ray.remote(_ray_cell_task)
+        opts = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_retries": 0}
+        by_index = {t["index"]: t for t in tasks}
+        refs = {remote.options(**opts).remote(t): t["index"] for t in tasks}
+        deferred: list[dict] = []
+        results: dict[int, dict] = {}
+        try:
+            while refs or deferred:
+                if not refs:
+                    refs = {remote.options(**opts).remote({**t, "wait": True}): t["index"] for t in deferred}
+                    for t in deferred:
+                        by_index[t["index"]] = {**t, "wait": True}
+                    deferred = []
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+                for ref in done:
+                    index = refs.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as err:
+                        text = str(err)
+                        if "No module named 'normbench'" in text:
+                            raise UserError("--backend ray: the Ray workers cannot import normbench; install it "
+                                            "on every node (pip install -e '.[ray]')") from None
+                        result = _result(by_index[index], "trained", {"status": "failed"},
+                                         error=f"Ray task failed: {text.strip().splitlines()[0][:200]}")
+                    self.display.finished(result)
+                    if result["outcome"] == "locked" and not by_index[index].get("wait"):
+                        deferred.append(by_index[index])
+                    else:
+                        results[index] = result
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.display.message("stopping: cancelling Ray tasks (finished epochs are checkpointed)")
+            for ref in refs:
+                ray.cancel(ref)
+        return [results[t["index"]] for t in tasks if t["index"] in results]
 
 
 # ----------------------------------------------------------------------------- defaults

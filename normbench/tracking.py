@@ -10,24 +10,30 @@ Layout of ``<log.out_dir>/<name>-<config hash>/``::
     error.log        the traceback of a failed run
 
 Every file that is replaced is written to a temporary file in the same folder and renamed
-over the old one, so a killed process never leaves half a file. ``checkpoint.pt`` starts
-with a magic line and the SHA-256 of its payload: a truncated or altered checkpoint is
-reported, never loaded. Checkpoints load with ``torch.load(weights_only=True)``.
+over the old one, so a killed process never leaves half a file. ``checkpoint.pt`` is a plain
+``torch.save`` file that ``torch.load(path, weights_only=True)`` reads; its state carries
+``CHECKPOINT_DIGEST_KEY``, the SHA-256 of everything else in it (:func:`state_digest`), so a
+truncated or altered checkpoint is reported, never used. Checkpoints of the older format (a
+magic line and the SHA-256 of the payload before it) are still read. Every JSON file is
+strict JSON: a NaN or infinite value is written as ``null``.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-from normbench.errors import UserError
+from normbench.errors import RunFolderError, UserError
 
-CHECKPOINT_MAGIC = b"NORMBENCH-CKPT-1 "
+CHECKPOINT_MAGIC = b"NORMBENCH-CKPT-1 "  # the header of the older checkpoint format (still read)
+CHECKPOINT_DIGEST_KEY = "normbench_content_sha256"
 SUMMARY_VERSION = 1
 
 
@@ -58,8 +64,67 @@ def atomic_write(path: Path, blob: bytes) -> None:
         raise UserError(f"cannot write {path.name} in {path.parent}: {err.strerror}") from None
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs) -> str:
+    """``json.dumps`` that writes strict JSON: non-finite floats become ``null``."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write(path, (dumps_json(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over a checkpoint state's content: every tensor's dtype, shape and bytes, every
+    number, string, bool and None, and the nesting of dicts, lists and tuples (in order).
+    Anything else raises TypeError: it would not load with ``torch.load(weights_only=True)``."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(tag: bytes, data: bytes) -> None:
+        h.update(tag + len(data).to_bytes(8, "little") + data)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().to("cpu").contiguous().reshape(-1)
+            feed(b"T", f"{t.dtype}{tuple(node.shape)}".encode())
+            feed(b"V", t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif node is None:
+            feed(b"N", b"")
+        elif isinstance(node, bool):
+            feed(b"B", b"1" if node else b"0")
+        elif isinstance(node, int):
+            feed(b"I", str(int(node)).encode())
+        elif isinstance(node, float):
+            feed(b"F", struct.pack("<d", node))
+        elif isinstance(node, str):
+            feed(b"S", node.encode("utf-8", "surrogatepass"))
+        elif isinstance(node, dict):
+            feed(b"D", str(len(node)).encode())
+            for key, value in node.items():
+                walk(key)
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            feed(b"L", str(len(node)).encode())
+            for value in node:
+                walk(value)
+        else:
+            raise TypeError(f"checkpoint state holds a {type(node).__name__}, which "
+                            "torch.load(weights_only=True) does not restore")
+
+    walk(state)
+    return h.hexdigest()
 
 
 def git_commit() -> Optional[str]:
@@ -72,6 +137,23 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def check_folder_creatable(path: Path, what: str) -> None:
+    """Raise a one-line UserError naming ``what`` unless ``path`` is a writable folder or can
+    be created as one (its nearest existing ancestor is a writable folder). Creates nothing."""
+    path = Path(path).expanduser()
+    probe = path
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        kind = "a file" if probe.is_file() else "not a folder"
+        if probe == path:
+            raise UserError(f"{what}: {path} is {kind}, not a folder")
+        raise UserError(f"{what}: {path} cannot be created: {probe} is {kind}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        verb = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        raise UserError(f"{what}: {path} {verb}")
+
+
 def read_summary(path: Path) -> Optional[dict]:
     """A run's summary, or None when absent. Unparseable or malformed → UserError naming it."""
     path = Path(path)
@@ -80,9 +162,12 @@ def read_summary(path: Path) -> Optional[dict]:
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise UserError(f"summary {path} is corrupt (not valid JSON); rerun with --fresh") from None
-    if not isinstance(summary, dict) or "status" not in summary or "config" not in summary:
-        raise UserError(f"summary {path} is corrupt (missing status/config); rerun with --fresh")
+        raise RunFolderError(f"summary {path} is corrupt (not valid JSON)") from None
+    if not isinstance(summary, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(summary), "a number")
+        raise RunFolderError(f"summary {path} is corrupt ({kind}, not a JSON object)")
+    if "status" not in summary or "config" not in summary:
+        raise RunFolderError(f"summary {path} is corrupt (missing status/config)")
     return summary
 
 
@@ -140,7 +225,7 @@ class RunDir:
 
     # -- metrics -------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True) + "\n"
+        line = dumps_json(record, sort_keys=True) + "\n"
         try:
             with open(self.metrics, "a") as f:
                 f.write(line)
@@ -163,32 +248,53 @@ class RunDir:
 
     # -- checkpoint ----------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
+        """``state`` plus its content digest, as a plain ``torch.save`` file (atomically)."""
         import torch
 
         buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getvalue()
-        digest = hashlib.sha256(payload).hexdigest().encode()
-        atomic_write(self.checkpoint, CHECKPOINT_MAGIC + digest + b"\n" + payload)
+        torch.save({**state, CHECKPOINT_DIGEST_KEY: state_digest(state)}, buf)
+        atomic_write(self.checkpoint, buf.getvalue())
 
     def load_checkpoint(self) -> Optional[dict]:
-        """The checkpoint's state dict, or None when there is none; corrupt → UserError."""
+        """The checkpoint's state dict (without its digest), or None when there is none;
+        corrupt → UserError."""
         import torch
 
         if not self.checkpoint.exists():
             return None
         blob = self.checkpoint.read_bytes()
-        head_len = len(CHECKPOINT_MAGIC) + 64 + 1
         bad = f"checkpoint {self.checkpoint} is corrupt"
+        if blob.startswith(CHECKPOINT_MAGIC[:8]):
+            return self._load_headed_checkpoint(blob, bad)
+        try:
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure to parse is a damaged file
+            raise RunFolderError(f"{bad} (unreadable: truncated or altered; {type(err).__name__})") from None
+        digest = state.pop(CHECKPOINT_DIGEST_KEY, None) if isinstance(state, dict) else None
+        if not isinstance(digest, str):
+            raise RunFolderError(f"{bad} (no {CHECKPOINT_DIGEST_KEY}: not written by normbench)")
+        try:
+            actual = state_digest(state)
+        except TypeError:
+            actual = None
+        if actual != digest:
+            raise RunFolderError(f"{bad} (checksum mismatch: truncated or altered)")
+        return state
+
+    def _load_headed_checkpoint(self, blob: bytes, bad: str) -> dict:
+        """The older format: CHECKPOINT_MAGIC, the payload's SHA-256 in hex, a newline, the payload."""
+        import torch
+
+        head_len = len(CHECKPOINT_MAGIC) + 64 + 1
         if len(blob) < head_len or not blob.startswith(CHECKPOINT_MAGIC):
-            raise UserError(f"{bad} (bad header); rerun with --fresh to start over")
+            raise RunFolderError(f"{bad} (bad header)")
         digest, payload = blob[len(CHECKPOINT_MAGIC): head_len - 1], blob[head_len:]
         if hashlib.sha256(payload).hexdigest().encode() != digest:
-            raise UserError(f"{bad} (checksum mismatch: truncated or altered); rerun with --fresh to start over")
+            raise RunFolderError(f"{bad} (checksum mismatch: truncated or altered)")
         try:
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"{bad} ({type(err).__name__}); rerun with --fresh to start over") from None
+            raise RunFolderError(f"{bad} ({type(err).__name__})") from None
 
 
 class ReadOnlyRunDir(RunDir):

@@ -161,3 +161,29 @@ def test_killing_one_rank_ends_the_job(synth_root, tmp_path):
     code = proc.wait(timeout=150)
     assert code != 0
     assert time.time() - t0 < 150
+
+
+def test_syncbn_run_measures_after_training_without_collectives(synth_root, tmp_path):
+    """Dead units (every epoch), the probe and the train-mode evaluation run on rank 0 alone;
+    through SyncBatchNorm they would all-reduce with a rank that is training or gone. They
+    run on a copy with plain BatchNorm: train mode at the per-process batch."""
+    args = sets(synth_root, tmp_path / "runs", **{"norm.kind": "syncbn", "train.batch_size": 4, "train.epochs": 2,
+                                                  "data.train_subset": 40, "analysis.dead_units": True,
+                                                  "analysis.probe_every": 3, "name": "sync"})
+    proc = torchrun(args, tmp_path / "log")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "log").read_text()[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["test_acc_eval_mode"] == summary["final_test_acc"]
+    assert 0.0 <= summary["test_acc_train_mode"] <= 1.0
+    assert summary["train_eval_gap"] == summary["test_acc_train_mode"] - summary["test_acc_eval_mode"]
+    assert summary["dead_unit_frac"] is not None and summary["probe_count"] > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("dead/all" in r for r in records) == 2  # one per epoch
+    # the same measurement in one process from the final checkpoint (syncbn alone is BatchNorm)
+    from normbench.analysis import analyze_run
+
+    again = analyze_run(run, log=lambda *_: None)
+    assert again["test_acc_train_mode"] == summary["test_acc_train_mode"]
+    assert again["test_acc_eval_mode"] == summary["final_test_acc"]

@@ -178,3 +178,153 @@ def test_analysis_tables_leave_out_methods_without_the_measurement(tmp_path):
     gap = next(t for t in report.tables if t.key == "train_eval_gap")
     assert gap.analysis and gap.methods == ["bn"] and gap.cell("bn", 2).mean == pytest.approx(-0.04)
     assert report.tables[0].methods == ["bn", "gn"]  # the accuracy table keeps every method
+
+
+def edit_summary(run: Path, change) -> Path:
+    """Rewrite a run's summary.json through ``change(summary) -> new content`` (any JSON)."""
+    path = run / "summary.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return path
+
+
+def without(key):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+def setting(dotted, value):
+    def change(s):
+        node = s
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        return s
+    return change
+
+
+def test_completed_run_without_accuracy_is_named_and_left_out_of_n(tmp_path):
+    """Three completed seeds, one without final_test_acc: the mean is over two, the cell says
+    n=2 and +1 no value, and one warning names the summary file and the run."""
+    write_run(tmp_path, "bn", 8, 0, acc=0.5)
+    write_run(tmp_path, "bn", 8, 1, acc=0.6)
+    bad = edit_summary(write_run(tmp_path, "bn", 8, 2, acc=0.7), without("final_test_acc"))
+    warnings = []
+    runs = collect(tmp_path, warn=warnings.append)
+    assert len(runs) == 3 and len(warnings) == 1
+    assert str(bad) in warnings[0] and f"run {bad.parent.name} left out" in warnings[0]
+    assert "final_test_acc is missing" in warnings[0] and "\n" not in warnings[0]
+    cell = build_report(runs).tables[0].cell("bn", 8)
+    assert cell.n == 2 and cell.mean == pytest.approx(55.0)
+    assert cell.text == "55.00 ± 7.07 (n=2) +1 no value"
+    best = build_report(runs, metric="best").tables[0].cell("bn", 8)
+    assert best.n == 3  # the run still has its best accuracy
+    edit_summary(bad.parent, setting("final_test_acc", None))
+    warnings.clear()
+    collect(tmp_path, warn=warnings.append)
+    assert len(warnings) == 1 and "final_test_acc is null in a completed run" in warnings[0]
+
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert f"normbench: warning: {bad}: final_test_acc is null" in res.output
+    assert "(n=2) +1 no value" in res.output
+
+
+def test_only_completed_runs_must_have_an_accuracy(tmp_path):
+    write_run(tmp_path, "bn", 8, 0, status="diverged")  # final_test_acc null: as the engine writes it
+    write_run(tmp_path, "bn", 8, 1, acc=0.5)
+    warnings = []
+    runs = collect(tmp_path, warn=warnings.append)
+    assert warnings == [] and build_report(runs).tables[0].cell("bn", 8).text == "50.00 (n=1) +1 div"
+
+
+MALFORMED = {  # a summary the report cannot use as a run: skipped, named
+    "batch size is a word": (setting("config.train.batch_size", "eight"), 'train.batch_size is "eight"'),
+    "batch size zero": (setting("config.train.batch_size", 0), "train.batch_size is 0"),
+    "batch size a float": (setting("config.train.batch_size", 8.5), "train.batch_size is 8.5"),
+    "no batch size": (lambda s: {**s, "config": {**s["config"], "train": {}}}, "train.batch_size is missing"),
+    "summary is a list": (lambda s: [s], "an array, not a JSON object"),
+    "summary is a number": (lambda s: 3, "a number, not a JSON object"),
+    "config is null": (setting("config", None), "config is null"),
+    "status is null": (setting("status", None), "status is null"),
+    "unknown status": (setting("status", "done"), 'status is "done"'),
+    "no status": (without("status"), "missing status/config"),
+    "train is a list": (setting("config.train", [8]), "config.train is [8]"),
+    "norm is a string": (setting("config.norm", "bn"), 'config.norm is "bn"'),
+    "norm kind a number": (setting("config.norm.kind", 3), "norm.kind is 3"),
+    "clip is a string": (setting("config.clip", "agc"), 'config.clip is "agc"'),
+    "model is null": (setting("config.model", None), "config.model is null"),
+    "seed is a word": (setting("config.seed", "one"), 'seed is "one"'),
+}
+BAD_VALUES = {  # a run kept, one value left out of its table, named
+    "accuracy a string": ("final_test_acc", "0.7", 'final_test_acc is "0.7", not a number', "test accuracy"),
+    "accuracy a bool": ("final_test_acc", True, "final_test_acc is true, not a number", "test accuracy"),
+    "accuracy a dict": ("final_test_acc", {"acc": 0.7}, "final_test_acc is {", "test accuracy"),
+    "throughput a string": ("images_per_s", "fast", 'images_per_s is "fast"', "throughput"),
+    "wall time a list": ("wall_time_s", [1], "wall_time_s is [1]", "seconds-per-epoch"),
+    "gap a string": ("train_eval_gap", "big", 'train_eval_gap is "big"', "'train_eval_gap'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_summary_is_one_warning_and_left_out(tmp_path, case):
+    change, words = MALFORMED[case]
+    write_run(tmp_path, "bn", 8, 0, acc=0.5)
+    bad = edit_summary(write_run(tmp_path, "bn", 8, 1, acc=0.7), change)
+    warnings = []
+    runs = collect(tmp_path, warn=warnings.append)
+    assert len(warnings) == 1, warnings
+    assert str(bad) in warnings[0] and words in warnings[0] and "\n" not in warnings[0]
+    assert [r.path for r in runs] != [] and all(r.path != bad.parent for r in runs)
+    cell = build_report(runs).tables[0].cell("bn", 8)
+    assert cell.n == 1 and cell.runs == [str(runs[0].path)]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_non_numeric_value_is_one_warning_and_left_out_of_its_table(tmp_path, case):
+    key, value, words, table = BAD_VALUES[case]
+    edit_summary(write_run(tmp_path, "bn", 8, 0, acc=0.5), setting("train_eval_gap", -0.02))
+    bad = edit_summary(write_run(tmp_path, "bn", 8, 1, acc=0.7), setting(key, value))
+    warnings = []
+    runs = collect(tmp_path, warn=warnings.append)
+    assert len(runs) == 2 and len(warnings) == 1, warnings
+    assert str(bad) in warnings[0] and words in warnings[0] and table in warnings[0]
+    assert f"run {bad.parent.name} left out of" in warnings[0] and "\n" not in warnings[0]
+    report = build_report(runs, extra_columns=[("train_eval_gap", "gap")])
+    n = {t.key: t.cell("bn", 8).n for t in report.tables}
+    expected = {"final_test_acc": "test_accuracy", "images_per_s": "images_per_s", "wall_time_s": "s_per_epoch"}
+    assert n[expected.get(key, key)] == 1
+    assert n["test_accuracy"] == (1 if key == "final_test_acc" else 2)
+
+
+def test_report_cli_over_every_malformed_summary_at_once(tmp_path):
+    """No traceback from any of them, with every file and plot written: one warning per file."""
+    good = write_run(tmp_path, "bn", 8, 0, acc=0.5)
+    edit_summary(good, setting("train_eval_gap", -0.02))
+    (good / "metrics.jsonl").write_text('{"step": 3, "probe/loss_range": 0.1, "probe/beta": 2.0}\n'
+                                        '{"probe/loss_range": 0.2}\n["probe/"]\n"probe/"\n'
+                                        '{"step": 5, "epoch": "x", "probe/loss_range": 0.3, "probe/beta": 1.0}\n')
+    bad = []
+    for i, case in enumerate(sorted(MALFORMED)):
+        bad.append(edit_summary(write_run(tmp_path, "bn", 8, 10 + i, acc=0.6), MALFORMED[case][0]))
+    for i, case in enumerate(sorted(BAD_VALUES)):
+        key, value, _, _ = BAD_VALUES[case]
+        bad.append(edit_summary(write_run(tmp_path, "gn", 8, 10 + i, acc=0.6), setting(key, value)))
+    nan = write_run(tmp_path, "gn", 8, 99, acc=0.6)
+    (nan / "summary.json").write_text((nan / "summary.json").read_text().replace('"final_test_acc": 0.6',
+                                                                                 '"final_test_acc": NaN'))
+    bad.append(nan / "summary.json")
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "-f", "md,csv,json", "--out", str(tmp_path / "out"),
+                                   "--plot", str(tmp_path / "out" / "acc.png")])
+    assert res.exit_code == 0 and res.exception is None, res.output
+    assert "Traceback" not in res.output
+    warnings = [line for line in res.output.splitlines() if line.startswith("normbench: warning:")]
+    assert len(warnings) == len(bad)
+    for path in bad:
+        assert sum(str(path) in w for w in warnings) == 1, path
+    assert "final_test_acc is NaN" in res.output
+    assert (tmp_path / "out" / "acc.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "out" / "analysis_bn_gap.png").is_file()
+    body = json.loads((tmp_path / "out" / "report.json").read_text())
+    gn = next(c for c in body["tables"][0]["cells"] if c["method"] == "gn")
+    assert gn["n"] == 3 and gn["text"].endswith("(n=3) +4 no value")  # a string, a bool, a dict, NaN
+    assert (tmp_path / "out" / "analysis_probe.png").is_file()  # from the two probe records with a step

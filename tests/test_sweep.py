@@ -347,6 +347,26 @@ def test_pack_trains_seeds_as_one_network_with_their_own_run_dirs(tmp_path, synt
     assert "6 done" in run_cli("sweep", str(path), "--pack", "3").stdout
 
 
+def test_pack_max_batch_packs_only_the_small_batch_cells(tmp_path, synth_root):
+    """--pack-max-batch 8: the batch-2 seeds are one pack, the batch-20 seeds train alone."""
+    import normbench.sweep as sw
+
+    path = write_sweep(tmp_path / "s.yaml", {"train.batch_size": [2, 20], "seed": [0, 1, 2]}, root=synth_root,
+                       out_dir=str(tmp_path / "out"), tb=False)
+    spec = load_sweep(path, preflight=False)
+    plan = sw.plan_sweep(spec, 1, pack=4, pack_max_batch=8)
+    sizes = sorted((_config_of(t).train.batch_size, len(t.get("pack", [t]))) for t in plan.tasks)
+    assert sizes == [(2, 3), (20, 1), (20, 1), (20, 1)]
+    everything = sw.plan_sweep(spec, 1, pack=4)
+    assert sorted(len(t.get("pack", [t])) for t in everything.tasks) == [3, 3]
+
+
+def _config_of(task: dict):
+    from normbench.config import RunConfig
+
+    return RunConfig.model_validate(task["config"])
+
+
 def test_local_layout_gives_spare_cores_to_the_last_cells(monkeypatch):
     """One single-thread worker per core by default; fewer cells than cores get the spare
     cores as threads; explicit --workers / --threads-per-worker always win."""

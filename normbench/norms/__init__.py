@@ -184,11 +184,28 @@ register(NormScheme(
     paper="Qiao et al. 2019 (WS) + Wu & He 2018 (GN)",
     channels_last_needs_kernels=True,
     compile_max_batch=8))
+
+
+def _frn_act(cfg, c: int, act: bool, layer: str) -> NormAct:
+    """FRN with its TLU fused into the layer (``norm.frn_activation: tlu``, the paper), or
+    with a plain ReLU after it (``relu``, a control: FRN's output y, then max(y, 0)); no
+    non-linearity on a block's second norm either way."""
+    relu = getattr(cfg, "frn_activation", "tlu") == "relu"
+    norm = sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act and not relu)
+    return NormAct(norm, _relu_if(act and relu))
+
+
+def _frn_post_add_act(cfg, c: int, layer: str) -> nn.Module:
+    """After a residual add of an FRN network: a TLU with its own tau, or ReLU under ``relu``."""
+    return relu_after_add(cfg, c, layer) if getattr(cfg, "frn_activation", "tlu") == "relu" else sample.TLU(c)
+
+
 register(NormScheme(
     "frn",
-    # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm
-    lambda cfg, c, act, layer: NormAct(sample.FilterResponseNorm2d(c, eps_of(cfg), cfg.learn_eps, tlu=act), None),
-    post_add_act=lambda cfg, c, layer: sample.TLU(c),  # the post-add ReLU becomes a TLU (own tau)
+    # TLU replaces the ReLU (fused into the layer); no TLU on a block's second norm;
+    # norm.frn_activation: relu puts a plain ReLU back in both places (a control)
+    _frn_act,
+    post_add_act=_frn_post_add_act,  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
     # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
     # compiled / eager img/s 173/158 at batch 2, 401/321 at 8, 639/563 at 32, 573/595 at 128;
