@@ -50,7 +50,7 @@ start)
 status)
     if running; then echo "study: running (pid $(cat "$pidfile"))"; else echo "study: not running"; fi
     for s in "${studies[@]}"; do
-        n=$(ls "$home/$s/runs"/*/summary.json 2>/dev/null | wc -l)
+        n=$(find "$home/$s/runs" -mindepth 2 -maxdepth 2 -name summary.json 2>/dev/null | wc -l)
         echo "$s: $n run folder(s) with a summary"
     done
     tail -n 5 "$home/study.log" 2>/dev/null || true
