@@ -1,4 +1,4 @@
-"""The lecture's questions, measured in a run: loss smoothness, BN's train/eval gap, dead units.
+"""Measurements inside a run: loss smoothness, BN's train/eval gap, dead units.
 
 Four measurements, each opt-in from ``analysis.*`` (see README, "Analysis"):
 

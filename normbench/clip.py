@@ -6,6 +6,7 @@ training device (no host sync): the global L2 norm of the gradient before clippi
 threshold in force, and the fraction clipped (units for AGC, elements for value, the step
 itself for the norm-based modes). The engine reads them once per log interval. Everything
 is vectorized over parameters (``torch._foreach_*`` and one concatenated buffer for AGC).
+Specification, sources and project choices: docs/methods.md#clipping and its clip-* sections.
 
 | mode | rule | threshold logged | fraction logged |
 |---|---|---|---|

@@ -205,7 +205,8 @@ DEFAULT_PROBE_DISTANCES = (0.025, 0.05, 0.1, 0.2)
 
 
 class AnalysisConfig(_Section):
-    """The lecture's questions, measured in a run (normbench.analysis). Each part is opt-in,
+    """Measurements inside a run (normbench.analysis): loss smoothness, the train/eval gap of
+    batch statistics, dead units. Each part is opt-in,
     except ``train_mode_eval``, which costs one test pass at the end of a BN-like run."""
 
     probe: bool = False  # loss-landscape probe (Santurkar et al. 2018) every probe_every steps
@@ -272,8 +273,9 @@ class AnalysisConfig(_Section):
         return value
 
 
-# Keys added after runs were published: left out of the config hash while at their default,
-# so that every earlier config keeps its hash (and its run folder name).
+# Keys left out of the config hash while at their default: a config that leaves them at their
+# default hashes (and names its run folder) exactly as the same config without these keys, as
+# the committed run folders under results/ were named.
 HASHED_UNLESS_DEFAULT: dict[str, tuple[str, ...]] = {
     "norm": ("frn_activation",),
     "analysis": ("probe_mode", "probe_images", "probe_distances", "probes_per_run", "precise_bn",

@@ -97,10 +97,11 @@ def fast_sgd_flags() -> dict:
 
 
 # Below this many steps, compiling costs more than it saves. Measured on the 2-core CPU
-# (session 5): compiling ResNet-20 takes 22-31 s (3-12 s when inductor's on-disk cache
-# already holds the graph); it saves ~1.6 ms per step at batch 2 (~16% of 10 ms) and ~2.5 ms
-# at batch 8 (~12% of 21 ms), so it pays from ~10,000-16,000 steps: a one-epoch run at batch
-# 2 (25,000 steps) compiles, one at batch 8 (6,250 steps) does not.
+# (scripts/bench_compile.py, FlatSGD, fused kernels): compiling ResNet-20 takes 22-31 s
+# (3-12 s when inductor's on-disk cache already holds the graph); it saves ~1.6 ms per step
+# at batch 2 (~16% of 10 ms) and ~2.5 ms at batch 8 (~12% of 21 ms), so it pays from
+# ~10,000-16,000 steps: a one-epoch run at batch 2 (25,000 steps) compiles, one at batch 8
+# (6,250 steps) does not.
 AUTO_COMPILE_MIN_STEPS = 10_000
 
 

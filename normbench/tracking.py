@@ -3,7 +3,7 @@
 Layout of ``<log.out_dir>/<name>-<config hash>/``::
 
     config.yaml      the resolved config, written before the first step
-    metrics.jsonl    one JSON object per log interval / evaluation (tags as in DESIGN.md)
+    metrics.jsonl    one JSON object per log interval / evaluation (tags: README.md, "Outputs")
     summary.json     the contract with `normbench report`; written atomically, last
     checkpoint.pt    model, optimizer, step, RNG and logging state; atomic, self-checksummed
     tb/              TensorBoard events and hparams

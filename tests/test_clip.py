@@ -156,7 +156,7 @@ def test_dynamic_history_survives_a_non_finite_norm():
 
 
 def agc_reference(model: nn.Module, lam: float, eps: float) -> None:
-    """Per-unit loop in float64 from METHODS.md; skips model.fc."""
+    """Per-unit loop in float64 (docs/methods.md#clip-agc); skips model.fc."""
     skip = {id(p) for p in model.fc.parameters()}
     for p in model.parameters():
         if id(p) in skip:

@@ -148,8 +148,8 @@ def test_bf16_autocast_trains_with_fp32_norm_statistics(tiny_cfg):
 
 
 def test_auto_compile_only_where_measured_to_pay():
-    """train.compile=auto follows the measurements recorded in the registry (session 5 with
-    FlatSGD and the fused kernels; gn and frn from session 4) and compiles only runs long
+    """train.compile=auto follows the measurements recorded in the registry (the
+    compile_max_batch of each scheme, scripts/bench_compile.py) and compiles only runs long
     enough to amortise the compile time."""
     cpu = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 """The normalization zoo, each layer proven against a reference.
 
-References: PyTorch's own layers; float64 formulas written here from docs METHODS.md;
+References: PyTorch's own layers; float64 formulas written here from docs/methods.md;
 torch.autograd.gradcheck for every hand-written backward; timm's FRN, EvoNorm-S0 and
 ScaledStdConv2d. Plus the edge cases (errors that name the layer, 1x1 maps, all-zero input)
 and a 50-step training run of every scheme with a clipping mode.
@@ -256,7 +256,7 @@ def test_ghost_bn_with_ghost_size_at_least_batch_is_batchnorm(running_stats):
 
 
 def ghost_reference(x, weight, bias, sizes, eps):
-    """float64 per-chunk BN from METHODS.md: statistics over (b_j, H, W) of each chunk."""
+    """float64 per-chunk BN (docs/methods.md#ghost_bn): statistics over (b_j, H, W) of each chunk."""
     out, means, uvars = [], [], []
     for chunk in torch.split(x, sizes):
         mu = chunk.mean((0, 2, 3), keepdim=True)

@@ -10,7 +10,8 @@ Models never branch on the scheme. They ask the registry for
   (weight-standardized for ``ws_gn``).
 
 Adding a scheme is one class (in batch.py, sample.py or weight.py) and one ``register`` line
-at the bottom of this file.
+at the bottom of this file. What each scheme computes (equations, defaults, sources, project
+choices) is specified in docs/methods.md, one section per name (docs/methods.md#gn).
 """
 from __future__ import annotations
 
@@ -107,26 +108,27 @@ def _relu_if(apply_act: bool) -> Optional[nn.Module]:
 from normbench.norms import batch, sample, weight  # noqa: E402  (the layers import the helpers above)
 
 # prefers_channels_last (True for every scheme): from `scripts/bench_norms.py --model --model-only
-# --schemes ...` with the fused kernels (session 4; ResNet-20 width 1, forward + backward on CPU,
+# --schemes ...` with the fused kernels (ResNet-20 width 1, forward + backward on the 2-core CPU,
 # 1 thread, both memory formats interleaved, best of 3; ms per step NCHW / channels_last at batch
 # 2 and 128): bn 11.3/10.1, 442/352; gn 11.5/10.6, 441/370; ln 11.5/10.3, 429/357; in 11.6/10.9,
 # 401/341; ws_gn 16.9/15.1, 395/341; brn 11.8/10.8, 434/356; ghost_bn 11.2/10.0, 383/349;
-# frn 11.9/10.9, 419/359; evonorm_s0 11.4/10.4, 407/343; nf 16.3/15.1, 395/344. (Before the
-# kernels, PyTorch's GroupNorm kernel was ~10x slower on channels_last, so gn/ln/in/ws_gn/brn
-# ran NCHW; the kernels have no such penalty and the convolutions are faster in channels_last.)
+# frn 11.9/10.9, 419/359; evonorm_s0 11.4/10.4, 407/343; nf 16.3/15.1, 395/344. Without the
+# kernels, PyTorch's GroupNorm kernel is ~10x slower on channels_last, so the schemes flagged
+# channels_last_needs_kernels (gn/ln/in/ws_gn/brn) run NCHW there; the kernels have no such
+# penalty and the convolutions are faster in channels_last.
 # compile_max_batch (what train.compile=auto compiles on CPU, up to that batch size): measured
-# in session 5 with FlatSGD and the fused kernels (eager and compiled engines built side by
-# side, 7 interleaved rounds of 1 s windows, 2 threads; median over rounds of compiled / eager
-# img/s; under compile the layers take their PyTorch path, which inductor fuses):
+# with FlatSGD and the fused kernels by scripts/bench_compile.py (eager and compiled engines
+# built side by side, 7 interleaved rounds of 1 s windows, 2 threads; median over rounds of
+# compiled / eager img/s; under compile the layers take their PyTorch path, which inductor fuses):
 #   batch 2:  bn 1.16, ghost_bn 1.18, brn 1.25, ln 1.24, in 1.18, ws_gn 1.51, evonorm_s0 1.07
 #             (medians 188 eager vs 177 compiled: noise), nf 1.28, none 1.10
 #   batch 8:  bn 1.13, ghost_bn 1.10, brn 1.03, ln 1.01, in 1.16, ws_gn 1.12, evonorm_s0 0.97,
 #             nf 0.87, none 1.06
 #   batch 32: bn 1.046, ghost_bn 1.07, in 1.07, ws_gn 0.92, none 1.07
-# (scripts/bench_compile.py measures the same.) A scheme compiles up to the largest batch
-# where compiling won at least 5% in every measurement (and at every smaller one): brn at 8
-# won x1.11 in a second run (scripts/bench_compile.py --schemes frn,gn,brn --batches 2,8),
-# not in the first, so brn compiles at 2 only; gn and frn: see their entries.
+# A scheme compiles up to the largest batch where compiling won at least 5% in every
+# measurement (and at every smaller one): brn at 8 won x1.11 in one run of
+# `scripts/bench_compile.py --schemes frn,gn,brn --batches 2,8`, not in the other, so brn
+# compiles at 2 only; gn and frn: see their entries.
 register(NormScheme(
     "bn",
     lambda cfg, c, act, layer: NormAct(batch.BatchNorm2d(c, eps_of(cfg), cfg.momentum, layer, relu=act),
@@ -157,10 +159,10 @@ register(NormScheme(
     lambda cfg, c, act, layer: NormAct(sample.GroupNorm(resolve_groups(cfg, c, layer), c, eps_of(cfg), relu=act),
                                        None),  # the ReLU is fused into the layer
     normalizes="(C/G, H, W) per sample and group", paper="Wu & He 2018",
-    # measured with the fused kernels, channels_last (bench_throughput --compare-compile, session 4):
-    # compiled / eager img/s 194/167 at batch 2, 442/370 at 8, 507/599 at 32, 565/699 at 128;
-    # session 5 with FlatSGD (scripts/bench_compile.py): 186/165 (x1.13) at 2, 422/450 (x0.94)
-    # at 8, so compiled at batch 2 only
+    # measured with the fused kernels, channels_last: compiled / eager img/s (scripts/
+    # bench_throughput.py --compare-compile, torch's SGD) 194/167 at batch 2, 442/370 at 8,
+    # 507/599 at 32, 565/699 at 128; with FlatSGD (scripts/bench_compile.py) 186/165 (x1.13)
+    # at 2, 422/450 (x0.94) at 8, so compiled at batch 2 only
     compile_max_batch=2,
     channels_last_needs_kernels=True))
 register(NormScheme(
@@ -207,18 +209,18 @@ register(NormScheme(
     _frn_act,
     post_add_act=_frn_post_add_act,  # the post-add ReLU becomes a TLU (own tau)
     normalizes="(H, W) per sample and channel, mean square, no centering", paper="Singh & Krishnan 2019",
-    # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
-    # compiled / eager img/s 173/158 at batch 2, 401/321 at 8, 639/563 at 32, 573/595 at 128;
-    # session 5 with FlatSGD (scripts/bench_compile.py): x1.26 at 2, x1.16 at 8
+    # measured with the fused kernels: compiled / eager img/s (scripts/bench_throughput.py
+    # --compare-compile, 2 threads, torch's SGD) 173/158 at batch 2, 401/321 at 8, 639/563 at
+    # 32, 573/595 at 128; with FlatSGD (scripts/bench_compile.py) x1.26 at 2, x1.16 at 8
     default_eps=1e-6, compile_max_batch=32))
 register(NormScheme(
     "evonorm_s0",
     lambda cfg, c, act, layer: NormAct(sample.EvoNormS0(c, resolve_groups(cfg, c, layer), eps_of(cfg), act), None),
     normalizes="(C/G, H, W) per sample and group (std only), with its own sigmoid gate",
     paper="Liu, Brock, Simonyan & Le 2020",
-    # measured with the fused kernels (bench_throughput --compare-compile, 2 threads, session 4):
-    # compiled / eager img/s 190/179 at batch 2, 357/359 at 8, 481/534 at 32, 544/642 at 128, so
-    # eager (before the kernels compile won 1.15-1.6x); session 5 agrees (table above).
+    # measured with the fused kernels: compiled / eager img/s (scripts/bench_throughput.py
+    # --compare-compile, 2 threads, torch's SGD) 190/179 at batch 2, 357/359 at 8, 481/534 at
+    # 32, 544/642 at 128, and with FlatSGD (table above): so eager.
     compile_max_batch=0))
 register(NormScheme(
     "none",

@@ -61,7 +61,7 @@ class BatchNorm2d(TrailingReLU, nn.BatchNorm2d):
     applied by the layer (in place). PyTorch's kernel does the maths: the fused kernel of
     :class:`ChunkedBatchNormFn` with one chunk (ReLU and running update included) was measured
     no faster for a whole ResNet-20 training step on CPU (step-time ratio 0.88 at batch 2,
-    0.96-1.02 at 8-128, session 4). The one undefined case (one value per channel: B = 1 on
+    0.96-1.02 at 8-128). The one undefined case (one value per channel: B = 1 on
     1x1 maps) is an error that names the layer.
     """
 
