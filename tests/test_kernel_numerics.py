@@ -227,3 +227,19 @@ def test_evonorm_zero_variance_group(path, cl, apply_act):
     assert rel(y[:, :4], const) < TOL
     assert rel(y[1, 4:8], Y[1, 4:8].detach()) < TOL
     assert rel(y, Y.detach()) < TOL
+
+
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_syncbn_moments_are_two_pass_and_match_float64(offset):
+    """SyncBN's global moments (one rank: the reduce is the identity) against float64, at a
+    mean of 10x and 100x the std; the variance never comes from Q / n - mean^2."""
+    from normbench.norms.sync import global_moments
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 8, 8, generator=g) + offset
+    n, mean, var = global_moments(x, lambda t: t)
+    ref = x.double()
+    ref_var = ref.var(dim=(0, 2, 3), unbiased=False)
+    assert int(n) == 4 * 8 * 8
+    assert torch.allclose(mean.double(), ref.mean(dim=(0, 2, 3)), rtol=1e-6)
+    assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-5

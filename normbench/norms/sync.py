@@ -13,18 +13,31 @@ from torch import nn
 from normbench.norms.batch import BatchNorm2d
 
 
+def global_moments(x: torch.Tensor, reduce_sum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, per-channel mean, biased per-channel variance) of ``x`` (N, C, H, W) over (N, H, W)
+    of every rank, where ``reduce_sum`` is a differentiable sum over ranks: the mean first,
+    then the sum of squared deviations from it (two passes, no cancellation)."""
+    dims = (0, 2, 3)
+    count = torch.full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=x.dtype, device=x.device)
+    first = reduce_sum(torch.cat([count, x.sum(dims)]))
+    n, mean = first[0], first[1:] / first[0]
+    sq_dev = reduce_sum((x - mean.view(1, -1, 1, 1)).square().sum(dims))
+    return n, mean, sq_dev / n
+
+
 class SyncBatchNorm2d(BatchNorm2d):
     """BatchNorm (Ioffe & Szegedy 2015, Alg. 1) with statistics over the global batch.
 
-    Each rank computes, per channel, the count n_r, sum S_r and sum of squares Q_r of its
-    activations over (B_r, H, W); a differentiable all-reduce gives n, S, Q over all ranks;
-    mu = S / n, sigma^2 = Q / n - mu^2 (biased, used to normalize), and the running variance
-    takes the unbiased sigma^2 * n / (n - 1), exactly as BatchNorm on the concatenated batch.
-    Because the all-reduce is differentiable (its backward all-reduces the gradients of S and
-    Q), each rank's gradients include the other ranks' contributions through the shared
-    statistics: after DDP averages them, they equal the single-process gradients. Running
-    statistics are identical on every rank. Outside a process group it is plain BatchNorm
-    (one notice on stderr).
+    Two differentiable all-reduces (:func:`global_moments`): the per-channel count n and sum
+    S of every rank's activations over (B_r, H, W) give mu = S / n; then the sums of squared
+    deviations from that global mean give sigma^2 = sum (x - mu)^2 / n (biased, used to
+    normalize; never Q / n - mu^2, which cancels when the mean is large against the spread),
+    and the running variance takes the unbiased sigma^2 * n / (n - 1), exactly as BatchNorm on
+    the concatenated batch (docs/methods.md#syncbn). Because the all-reduces are
+    differentiable, each rank's gradients include the other ranks' contributions through the
+    shared statistics: after DDP averages them, they equal the single-process gradients.
+    Running statistics are identical on every rank. Outside a process group it is plain
+    BatchNorm (one notice on stderr).
     """
 
     _warned = False
@@ -37,13 +50,8 @@ class SyncBatchNorm2d(BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        dims = (0, 2, 3)
-        count = torch.full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=x.dtype, device=x.device)
-        stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
-        stats = all_reduce(stats)  # differentiable SUM over ranks
+        n, mean, var = global_moments(x, all_reduce)
         c = self.num_features
-        n, mean = stats[0], stats[1:1 + c] / stats[0]
-        var = (stats[1 + c:] / n - mean * mean).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
