@@ -362,7 +362,9 @@ def train_packed(cfgs: list[RunConfig], progress=None, fresh: bool = False) -> l
             summaries[idx] = engine.train(cfgs[idx], progress=progress)
         return [summaries[i] for i in range(len(cfgs))]
     packed = PackedTrainer(members)
-    _run_packed(packed, progress)
+    stop = engine.StopFlag()
+    with stop.installed():
+        _run_packed(packed, progress, stop)
     for idx, m in zip(todo, members):
         summaries[idx] = {**m.final_summary, "run_dir": str(m.run_dir.path)}
     return [summaries[i] for i in range(len(cfgs))]
@@ -391,7 +393,9 @@ def _probe_members(packed: PackedTrainer, status: dict) -> None:
         m.analysis.probe_if_due(m)
 
 
-def _run_packed(packed: PackedTrainer, progress) -> None:
+def _run_packed(packed: PackedTrainer, progress, stop=None) -> None:
+    """The packed training loop. ``stop`` (an engine.StopFlag): on SIGINT/SIGTERM every
+    still-healthy member is unpacked, checkpointed and marked ``interrupted``."""
     from normbench.data import EpochPlan
     from normbench.engine import buffers_finite
     from normbench.tracking import TensorBoardLog
@@ -424,6 +428,15 @@ def _run_packed(packed: PackedTrainer, progress) -> None:
                     if time.perf_counter() - last_save >= cfg.log.checkpoint_every_s and i < lead.steps_per_epoch - 1:
                         packed.unpack_into_members()  # mid-epoch checkpoint of every member
                         last_save = _save_members(members, walls, t0, status)
+                if stop is not None and stop.signum is not None and not lead._buffers["loss"]:
+                    break  # right after a flush: the checkpoint holds every logged interval
+            if stop is not None and stop.signum is not None:
+                packed.unpack_into_members()
+                _save_members(members, walls, t0, status)
+                for m in members:
+                    if status[id(m)] == "completed":
+                        status[id(m)] = "interrupted"
+                break
             epoch_done = lead.state.step // lead.steps_per_epoch
             if epoch_done % cfg.train.eval_every == 0 or lead.state.step >= lead.total_steps:
                 results = packed.evaluate(cfg.train.eval_batch_size)
