@@ -186,8 +186,12 @@ def report(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy vs batch size to this PNG file."),
     error: bool = typer.Option(False, "--error", help="Report test error (100 - accuracy) instead of accuracy."),
     metric: str = typer.Option("final", "--metric", help="final (end of training) or best (best evaluation)."),
+    small_batch: Optional[int] = typer.Option(None, "--small-batch", help="Batch effect: this batch size minus "
+                                              "--ref-batch, paired by seed (default: the smallest batch)."),
+    ref_batch: Optional[int] = typer.Option(None, "--ref-batch", help="Reference batch of the batch effect "
+                                            "(default 32, or the largest batch when no run has 32)."),
 ) -> None:
-    """Tables (method × batch size, mean ± std over seeds) and plots from run summaries."""
+    """Tables (method × batch size, mean with a 95% interval over seeds) and plots from run summaries."""
     from normbench import report as rp
 
     try:
@@ -200,11 +204,16 @@ def report(
         if not runs:
             raise UserError(f"report: no runs under {folder} (no summary.json found)")
         columns, plots_hook = rp.analysis_columns()
-        result = rp.build_report(runs, metric=metric, error=error, extra_columns=columns)
+        result = rp.build_report(runs, metric=metric, error=error, extra_columns=columns,
+                                 small_batch=small_batch, ref_batch=ref_batch)
         rp.render_terminal(result, _console())
         written = rp.write_files(result, formats, out or folder) if formats else []
         if plot is not None:
             written.append(rp.plot(result, plot))
+            from normbench.report_plots import plot_curves
+
+            curves = plot.parent / "accuracy_curves.png"
+            written.append(plot_curves(result, curves if curves != plot else plot.with_name("accuracy_epochs.png")))
             if plots_hook is not None:
                 summaries = [{**r.summary, "_dir": str(r.path)} for r in runs if r.summary]
                 written += list(plots_hook(summaries, plot.parent) or [])
@@ -212,4 +221,5 @@ def report(
         fail(str(err))
         return
     for path in written:
-        typer.echo(f"wrote {path}")
+        if path is not None:
+            typer.echo(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Tables and plots from run folders: method × batch size, mean ± std over seeds.
+"""Tables and plots from run folders: method × batch size, mean and 95% interval over seeds.
 
 :func:`collect` reads every ``summary.json`` under a folder (a sweep's output folder or any
 tree of loose runs). It tolerates what a live or broken sweep leaves behind: a run folder
@@ -11,14 +11,17 @@ on, plus any other config key that differs between runs of the same norm, clip a
 size) and batch size, and produces :class:`Table` objects:
 
 * test accuracy (or error) in % at the end of training (``final``) or the best evaluation
-  (``best``): mean ± sample std over the completed seeds, with n; cells whose runs diverged,
-  failed or are still running say so; the best cell of each column is marked;
+  (``best``): mean ± half-width of the Student-t 95% interval over the completed seeds, with
+  n; cells whose runs diverged, failed or are still running say so; a cell is marked best
+  only when its interval lies above every other cell's in its column (:mod:`normbench.report_stats`);
+* the study tables of :mod:`normbench.report_study`: the batch effect from paired seeds, the
+  accuracies with running, batch and precise-BN statistics, the fixed-probe beta;
 * training throughput (images/s) and seconds per epoch (wall time / epochs, with eval);
 * one table per extra summary key from :mod:`normbench.report_analysis` when it exists.
 
 Writers: a rich terminal rendering, Markdown, CSV (tidy: one row per table × method ×
-batch), JSON, and a GN-paper-style PNG (accuracy or error against batch size on a log2 axis
-that runs from large to small batches, one line per method, std error bars).
+batch, with its unit), JSON, and the PNG plots of :mod:`normbench.report_plots`. Tables and
+plots name methods as :mod:`normbench.display` does (BN, GN, no norm + AGC (λ 0.16), ...).
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import csv
 import io
 import json
 import math
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -58,7 +60,8 @@ class Run:
     status: str  # completed | diverged | failed | interrupted | running
     config: dict
     summary: dict = field(default_factory=dict)
-    method: str = ""
+    method: str = ""  # the row key (registry names, e.g. "none+agc")
+    label: str = ""  # its display name (normbench.display, e.g. "no norm + AGC (λ 0.16)")
 
     @property
     def batch_size(self) -> int:
@@ -96,7 +99,10 @@ def collect(folder: Path, warn: Callable[[str], None] = lambda m: None) -> list[
         raise UserError(f"report: {folder} is not a folder")
     runs: list[Run] = []
     seen: set[Path] = set()
-    numeric = _NUMERIC_KEYS + tuple(k for k, _ in analysis_columns()[0] if k not in _NUMERIC_KEYS)
+    from normbench.report_study import TABLE_OF
+
+    extra = list(TABLE_OF) + [c[0] for c in analysis_columns()[0]]
+    numeric = _NUMERIC_KEYS + tuple(dict.fromkeys(k for k in extra if k not in _NUMERIC_KEYS))
     for path in sorted(folder.rglob("summary.json")):
         try:
             summary = read_summary(path)
@@ -196,10 +202,12 @@ def _value_problems(summary: dict, keys: tuple, run: str) -> list[str]:
     """One line per value the report cannot average: a completed run without its final or
     best accuracy, or any of ``keys`` that is there but not a finite number (null is "not
     measured" for the others). ``run`` names the run (its folder)."""
+    from normbench.report_study import TABLE_OF
+
     out = []
     for key in keys:
         value = summary.get(key)
-        table = _TABLE_OF.get(key, f"the '{key}' table")
+        table = _TABLE_OF.get(key) or TABLE_OF.get(key, f"the '{key}' table")
         if _is_number(value):
             continue
         if value is None:
@@ -234,10 +242,19 @@ def _assign_methods(runs: list[Run]) -> None:
             values = {json.dumps(flat[i][key], sort_keys=True, default=str) for i in members if key in flat[i]}
             if len(values) > 1:
                 varying.setdefault(base, set()).add(key)
+    from normbench.display import method_label
+
     for i, run in enumerate(runs):
         base = base_method(run.config)
-        extra = [f"{k.split('.')[-1]}={_short(flat[i][k])}" for k in sorted(varying.get(base, ())) if k in flat[i]]
-        run.method = " ".join([base, *extra])
+        keys = [k for k in sorted(varying.get(base, ())) if k in flat[i]]
+        run.method = " ".join([base, *(f"{k.split('.')[-1]}={_short(flat[i][k])}" for k in keys)])
+        run.label = method_label(run.config, [(k, flat[i][k]) for k in keys])
+    labels: dict[str, set[str]] = {}
+    for run in runs:
+        labels.setdefault(run.label, set()).add(run.method)
+    for run in runs:  # two methods that the display name does not tell apart keep their key too
+        if len(labels[run.label]) > 1:
+            run.label = f"{run.label} [{run.method}]"
 
 
 def _short(value: Any) -> str:
@@ -280,6 +297,19 @@ class CellStat:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     @property
+    def ci(self):
+        """:class:`normbench.report_stats.Interval` (mean, 95% half-width, n), or None."""
+        from normbench.report_stats import interval
+
+        return interval(self.values)
+
+    @property
+    def half(self) -> Optional[float]:
+        """Half-width of the 95% Student-t interval of the mean (None below two values)."""
+        ci = self.ci
+        return None if ci is None else ci.half
+
+    @property
     def missing(self) -> bool:
         return not self.runs
 
@@ -299,9 +329,17 @@ class Table:
     with_std: bool = True
     note: str = ""
     analysis: bool = False  # an extra table from normbench.report_analysis (written to files only)
+    labels: dict[str, str] = field(default_factory=dict)  # row key -> display name
+    column_names: dict[int, str] = field(default_factory=dict)  # column -> header (default b=N)
 
     def cell(self, method: str, batch: int) -> CellStat:
         return self.cells.get((method, batch)) or CellStat()
+
+    def label(self, method: str) -> str:
+        return self.labels.get(method, method)
+
+    def column(self, batch: int) -> str:
+        return self.column_names.get(batch, f"b={batch}")
 
 
 @dataclass
@@ -338,8 +376,8 @@ def _cell_text(stat: CellStat, digits: int, with_std: bool, required: bool = Fal
             return "interrupted"
         return "—"
     text = _fmt(stat.mean, digits)
-    if with_std and stat.std is not None:
-        text += f" ± {_fmt(stat.std, digits)}"
+    if with_std and stat.half is not None:
+        text += f" ± {_fmt(stat.half, digits)}"
     if with_std:
         text += f" (n={stat.n})"
     extra = [f"{k} {what}" for k, what in ((stat.n_diverged, "div"), (stat.n_failed, "failed"),
@@ -387,30 +425,38 @@ def _table(runs: list[Run], key: str, title: str, unit: str, get: Callable[[Run]
     for stat in cells.values():
         stat.text = _cell_text(stat, digits, with_std, required)
     if better:
+        from normbench.report_stats import best_index
+
         for batch in batches:
             column = [cells[(m, batch)] for m in methods if (m, batch) in cells and cells[(m, batch)].values]
-            if column:
-                pick = max if better == "max" else min
-                target = pick(c.mean for c in column)
-                for c in column:
-                    c.best = c.mean == target
+            pick = best_index([c.ci for c in column], better)
+            if pick is not None:
+                column[pick].best = True
     return Table(key, title, unit, methods, batches, cells, better, digits, with_std, note)
 
 
-def analysis_columns() -> tuple[list[tuple[str, str]], Optional[Callable]]:
-    """(summary key, header) pairs and the plots() hook of normbench.report_analysis, if present."""
+def analysis_columns() -> tuple[list[tuple], Optional[Callable]]:
+    """(summary key, header, scale, unit) for each column of normbench.report_analysis (its
+    ``summary_units`` gives scale and unit: fractions become percent), and its plots() hook."""
     try:
         from normbench import report_analysis  # noqa: F401 - written by the analysis work
     except ImportError:
         return [], None
-    columns = list(getattr(report_analysis, "summary_columns", lambda: [])())
+    units = getattr(report_analysis, "summary_units", lambda: {})()
+    columns = [(k, h, *units.get(k, (1.0, ""))) for k, h in getattr(report_analysis, "summary_columns", lambda: [])()]
     return columns, getattr(report_analysis, "plots", None)
 
 
 def build_report(runs: list[Run], metric: str = "final", error: bool = False,
-                 extra_columns: Optional[list[tuple[str, str]]] = None) -> Report:
-    """The accuracy, throughput and s/epoch tables, plus one per ``extra_columns`` summary key
-    that some run has (``analysis=True`` on those tables: files only, not the terminal)."""
+                 extra_columns: Optional[list[tuple]] = None, small_batch: Optional[int] = None,
+                 ref_batch: Optional[int] = None) -> Report:
+    """The accuracy table, the study tables of :mod:`normbench.report_study` (batch effect of
+    ``small_batch`` against ``ref_batch``, batch-statistics accuracies, fixed probe), the
+    throughput and s/epoch tables, plus one per ``extra_columns`` entry, ``(summary key,
+    header[, scale, unit])``, that some run has (``analysis=True`` on those tables: files
+    only, not the terminal; probe keys count lr-mode probes only)."""
+    from normbench.report_study import COVERED_KEYS, probe_mode, study_tables
+
     if metric not in METRICS:
         raise UserError(f"--metric: got '{metric}'; allowed: {', '.join(METRICS)}")
     if not runs:
@@ -425,28 +471,46 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
 
     what = "error" if error else "accuracy"
     which = "at the end of training" if metric == "final" else "best evaluation"
+    side = "below" if error else "above"
     tables = [
         _table(runs, f"test_{what}", f"Test {what} (%), {which}", "%", acc, "min" if error else "max", 2, True,
-               note="mean ± std over seeds (n = runs averaged); best per batch size marked; "
-                    "div = diverged runs, not in the mean; no value = completed runs without the "
-                    "accuracy (named in a warning), not in the mean", required=True),
+               note="mean ± half-width of the 95% confidence interval of the mean over seeds (Student t, "
+                    "n−1 degrees of freedom; n = runs averaged; n=1: no interval); a cell is marked best "
+                    f"only when its interval lies entirely {side} the interval of every other cell in its "
+                    "column (the next best included), so a column with overlapping leaders or a "
+                    "single-seed cell has no mark; div = diverged runs, not in the mean; no value = "
+                    "completed runs without the accuracy (named in a warning), not in the mean", required=True),
+        *study_tables(runs, acc, what, small_batch, ref_batch),
         _table(runs, "images_per_s", "Training throughput (images/s)", "img/s",
-               lambda r: _value(r.summary, "images_per_s"), "max", 0, False, with_std=False,
+               lambda r: _value(r.summary, "images_per_s"), None, 0, False, with_std=False,
                note="mean over seeds of the training-step throughput (evaluation excluded)"),
         _table(runs, "s_per_epoch", "Seconds per epoch (wall time incl. evaluation)", "s",
                lambda r: (_value(r.summary, "wall_time_s") / _value(r.summary, "epochs"))
                if _value(r.summary, "wall_time_s") and _value(r.summary, "epochs") else None,
-               "min", 1, False, with_std=False, note="wall time / epochs run, mean over seeds"),
+               None, 1, False, with_std=False, note="wall time / epochs run, mean over seeds"),
     ]
-    for col_key, header in extra_columns or []:
-        if not any(_value(r.summary, col_key) is not None for r in runs):
+    covered = COVERED_KEYS if any(t.key == "batch_stats_accuracy" for t in tables) else ()
+    for col_key, header, *rest in extra_columns or []:
+        scale, unit = rest if rest else (1.0, "")
+
+        def get(r: Run, k=col_key, scale=scale) -> Optional[float]:
+            v = _value(r.summary, k)
+            lr_probe = not k.startswith("probe_") or probe_mode(r.summary) == "lr"
+            return None if v is None or not lr_probe else v * scale
+        if col_key in covered or not any(get(r) is not None for r in runs):
             continue
-        table = _table(runs, col_key, header, "", lambda r, k=col_key: _value(r.summary, k), None, 4, True,
-                       note=f"summary key '{col_key}', mean ± std over completed seeds; — = not measured; "
-                            "methods with no measured value are left out")
+        table = _table(runs, col_key, f"{header} ({unit})" if unit else header, unit, get, None,
+                       2 if unit else 4, True,
+                       note=f"summary key '{col_key}'{f' in {unit}' if unit else ''}, mean ± half-width of "
+                            "the 95% t-interval over completed seeds; — = not measured; methods with no "
+                            "measured value are left out" + ("; lr-mode probes only" if col_key.startswith(
+                                "probe_") else ""))
         table.methods = [m for m in table.methods if any(table.cell(m, b).values for b in table.batch_sizes)]
         table.analysis = True
         tables.append(table)
+    labels = {r.method: r.label or r.method for r in runs}
+    for table in tables:
+        table.labels = table.labels or labels
     return Report(tables, runs, metric, error)
 
 
@@ -471,7 +535,7 @@ def render_terminal(report: Report, console=None) -> None:
         rt = RichTable()
         rt.add_column("method", style="bold")
         for batch in table.batch_sizes:
-            rt.add_column(f"b={batch}", justify="right")
+            rt.add_column(table.column(batch), justify="right")
         for method in table.methods:
             row = []
             for batch in table.batch_sizes:
@@ -480,7 +544,7 @@ def render_terminal(report: Report, console=None) -> None:
                 style = ("bold green" if c.best else "red" if not c.values and (c.n_diverged or c.n_failed)
                          else "dim" if c.missing or not c.values else "")
                 row.append(f"[{style}]{_escape(text)}[/]" if style else _escape(text))
-            rt.add_row(_escape(method), *row)
+            rt.add_row(_escape(table.label(method)), *row)
         console.print(rt)
         console.print(f"[dim]{_escape(table.note)}[/]")
     if extra:
@@ -497,17 +561,18 @@ def _escape(text: str) -> str:
 def to_markdown(report: Report) -> str:
     lines = [f"# normbench report", "",
              f"{len(report.runs)} runs; accuracy metric: {report.metric} "
-             f"({'test error' if report.error else 'test accuracy'}). * = best in its column.", ""]
+             f"({'test error' if report.error else 'test accuracy'}). \\* = best in its column: its "
+             "95% interval lies clear of every other cell's.", ""]
     for table in report.tables:
         lines += [f"## {table.title}", "", f"_{table.note}_", ""]
-        lines.append("| method | " + " | ".join(f"b={b}" for b in table.batch_sizes) + " |")
+        lines.append("| method | " + " | ".join(table.column(b) for b in table.batch_sizes) + " |")
         lines.append("|---|" + "---:|" * len(table.batch_sizes))
         for method in table.methods:
             cells = []
             for batch in table.batch_sizes:
                 c = table.cell(method, batch)
                 cells.append(f"**{c.text}** \\*" if c.best else c.text)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {table.label(method)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -518,8 +583,12 @@ def _rows(report: Report) -> list[dict]:
         for method in table.methods:
             for batch in table.batch_sizes:
                 c = table.cell(method, batch)
-                rows.append({"table": table.key, "method": method, "batch_size": batch, "mean": c.mean,
-                             "std": c.std, "n": c.n, "n_diverged": c.n_diverged, "n_failed": c.n_failed,
+                ci = c.ci
+                rows.append({"table": table.key, "method": method, "name": table.label(method),
+                             "batch_size": batch, "column": table.column(batch), "unit": table.unit,
+                             "mean": c.mean, "ci95_half_width": c.half, "ci95_low": ci and ci.lo,
+                             "ci95_high": ci and ci.hi, "std": c.std, "n": c.n, "n_diverged": c.n_diverged,
+                             "n_failed": c.n_failed,
                              "n_running": c.n_running, "n_interrupted": c.n_interrupted, "missing": c.missing, "best": c.best, "text": c.text})
     return rows
 
@@ -539,16 +608,19 @@ def to_json(report: Report) -> str:
         "metric": report.metric, "error": report.error, "n_runs": len(report.runs),
         "tables": [{
             "key": t.key, "title": t.title, "unit": t.unit, "note": t.note, "methods": t.methods,
-            "batch_sizes": t.batch_sizes,
-            "cells": [{"method": m, "batch_size": b, "mean": t.cell(m, b).mean, "std": t.cell(m, b).std,
+            "names": [t.label(m) for m in t.methods], "batch_sizes": t.batch_sizes,
+            "columns": [t.column(b) for b in t.batch_sizes],
+            "cells": [{"method": m, "name": t.label(m), "batch_size": b, "mean": t.cell(m, b).mean,
+                       "ci95_half_width": t.cell(m, b).half, "std": t.cell(m, b).std,
+                       **({"paired_seeds": t.cell(m, b).paired_seeds} if hasattr(t.cell(m, b), "paired_seeds") else {}),
                        "n": t.cell(m, b).n, "values": t.cell(m, b).values, "n_diverged": t.cell(m, b).n_diverged,
                        "n_failed": t.cell(m, b).n_failed, "n_running": t.cell(m, b).n_running, "n_interrupted": t.cell(m, b).n_interrupted,
                        "missing": t.cell(m, b).missing, "best": t.cell(m, b).best, "text": t.cell(m, b).text,
                        "runs": t.cell(m, b).runs}
                       for m in t.methods for b in t.batch_sizes]}
             for t in report.tables],
-        "runs": [{"path": str(r.path), "status": r.status, "method": r.method, "batch_size": r.batch_size,
-                  "seed": r.seed} for r in report.runs],
+        "runs": [{"path": str(r.path), "status": r.status, "method": r.method, "name": r.label,
+                  "batch_size": r.batch_size, "seed": r.seed} for r in report.runs],
     }
     from normbench.tracking import dumps_json
 
@@ -591,96 +663,18 @@ def write_files(report: Report, formats: list[str], out_dir: Path) -> list[Path]
 # ----------------------------------------------------------------------------- plot
 
 
-MARKERS = "osD^v<>phX*"
-
-
-def method_colours(methods: list[str]) -> dict[str, tuple]:
-    """A colour per method, by position in ``methods`` once sorted like the report's rows
-    (tab10, or tab20 beyond 10 methods): every plot of one report gives a method one colour."""
-    from matplotlib import colormaps
+def method_colours(methods: list[str]) -> dict[str, str]:
+    """A colour per method key (``bn``, ``none+agc``, ``gn groups=16``): its family's fixed
+    colour (:data:`normbench.display.STYLES`), the first of a family in report order taking
+    it; every plot of one report gives a method one colour."""
+    from normbench.display import assign_styles
 
     ordered = sorted(dict.fromkeys(methods), key=_method_sort_key)
-    cmap = colormaps["tab10" if len(ordered) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(ordered)}
-
-
-def batch_axis(ax, batches: list[int]) -> None:
-    """Log2 batch-size x axis from the largest batch on the left to the smallest on the right,
-    as in Wu & He (2018); shared by every plot of the report."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches)
-    ax.set_xticklabels([str(b) for b in batches])
-    ax.minorticks_off()
-    if batches:
-        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
-    ax.set_xlabel("batch size (images per step)")
+    return {m: s.colour for m, s in assign_styles((m, m.split(" ")[0]) for m in ordered).items()}
 
 
 def plot(report: Report, path: Path) -> Path:
-    """Accuracy (or error) against batch size, GN-paper style: log2 x axis from the largest
-    batch on the left to the smallest on the right, one line per method, std error bars;
-    a cell whose runs all diverged is an × on the top edge."""
-    import matplotlib
+    """Accuracy (or error) against batch size: :func:`normbench.report_plots.plot_accuracy`."""
+    from normbench.report_plots import plot_accuracy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.transforms import blended_transform_factory
-
-    table = report.tables[0]
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--plot: got '{path}'; give a file name ending in .png")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--plot: cannot create {path.parent}: {err.strerror}") from None
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=150)
-    colours = method_colours(table.methods)
-    top_edge = blended_transform_factory(ax.transData, ax.transAxes)
-    any_diverged = False
-    for i, method in enumerate(table.methods):
-        color, marker = colours[method], MARKERS[i % len(MARKERS)]
-        xs, ys, es = [], [], []
-        for batch in table.batch_sizes:
-            c = table.cell(method, batch)
-            if c.values:
-                xs.append(batch)
-                ys.append(c.mean)
-                es.append(c.std or 0.0)
-            elif c.n_diverged or c.n_failed:
-                any_diverged = True
-                ax.plot([batch], [0.97], marker="x", color=color, markersize=9, mew=2,
-                        transform=top_edge, clip_on=False, linestyle="none")
-        if xs:
-            ax.errorbar(xs, ys, yerr=es if any(es) else None, color=color, marker=marker, markersize=5,
-                        linewidth=1.8, capsize=3, label=method)
-        else:
-            ax.plot([], [], color=color, marker="x", linestyle="none", label=f"{method} (no completed run)")
-    batch_axis(ax, table.batch_sizes)
-    what = "error" if report.error else "accuracy"
-    ax.set_ylabel(f"test {what} (%)")
-    archs = {r.config.get("model", {}).get("arch", "?") for r in report.runs}
-    arch = archs.pop() if len(archs) == 1 else "ResNet"
-    arch = re.sub(r"^resnet(\d+)$", r"ResNet-\1", str(arch))
-    ax.set_title(f"{arch} on CIFAR-10: test {what} ({report.metric}) vs batch size", fontsize=11)
-    ax.grid(True, which="major", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if any_diverged:
-        from matplotlib.lines import Line2D
-
-        handles.append(Line2D([], [], color="0.3", marker="x", linestyle="none", mew=2))
-        labels.append("diverged / failed")
-    if handles:
-        ax.legend(handles, labels, fontsize=8, frameon=False, ncol=2 if len(labels) > 6 else 1,
-                  loc="best")
-    n_seeds = max((t.n for t in table.cells.values()), default=0)
-    fig.text(0.99, 0.005, f"mean over up to {n_seeds} seed(s); error bars: std over seeds", ha="right",
-             va="bottom", fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    from normbench.tracking import atomic_write
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return path
+    return plot_accuracy(report, path)

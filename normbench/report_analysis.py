@@ -3,7 +3,8 @@
 Contract with the report:
 
 * :func:`summary_columns` lists (summary key, column header) pairs the analysis adds to
-  ``summary.json``; a run without a key shows an empty cell.
+  ``summary.json``; a run without a key shows an empty cell. :func:`summary_units` gives the
+  scale and unit the report shows a key in (fractions as percent or points).
 * :func:`plots` takes ``summaries``: a list of summary dicts as read from ``summary.json``
   (:func:`normbench.tracking.read_summary`), each with one extra key ``_dir``: the run folder
   that holds that summary.json (a ``str`` or ``Path``; a ``run_dir`` key, as returned by
@@ -16,9 +17,12 @@ Plots:
 
 * ``analysis_bn_gap.png``: for each batch-statistics method (``get_scheme(kind).batch_dependent``)
   the train/eval gap (train-mode minus eval-mode test accuracy, points) against the batch
-  size on a log2 axis, and the three test accuracies (eval mode, train mode, precise BN).
-  Several seeds of a (method, batch) cell are averaged; each run is also drawn as a dot.
-* ``analysis_probe.png``: the landscape probe of Santurkar et al. 2018 (Fig. 4) over
+  size on a log2 axis, and the test accuracies with running statistics (eval mode) and batch
+  statistics (train mode), plus precise BN where the summaries have it (the panel's title
+  names only what it draws). Several seeds of a (method, batch) cell are averaged; each run is
+  also drawn as a dot.
+* ``analysis_probe.png`` (runs probed in lr mode only; fixed-mode runs have their own plot):
+  the landscape probe of Santurkar et al. 2018 (Fig. 4) over
   training (x = epochs, so different batch sizes align): the band between the smallest and
   largest loss along the gradient, the band of gradient changes ||g_s - g|| and the effective
   beta-smoothness (log scale), one colour per method, one row per batch size (largest first).
@@ -28,10 +32,14 @@ Plots:
   axis, largest batch left as in the accuracy plot): per run the median over its probes, then
   the mean over seeds. Beta is per unit step and compares across batch sizes; the loss range
   and the gradient change scale with the step (lr = 0.1 B/128 in the study), so compare
-  methods within a batch size.
+  methods within a batch size. lr-mode runs only.
+* ``analysis_probe_fixed.png``: runs probed with ``analysis.probe_mode: fixed`` (the same
+  distances at every batch size and lr): per run ``probe_beta_median`` and
+  ``probe_linearity_median``, against the batch size, mean over seeds with 95% t-intervals.
 
-Every plot gives a method the colour it has in the report's accuracy plot
-(:func:`normbench.report.method_colours`) and names it as the report does (``none+agc``).
+Every plot names a method by its display name and draws it in its fixed colour and marker
+(:mod:`normbench.display`), as the report's accuracy plot does, and its title carries the
+protocol read from the summaries (:func:`normbench.display.protocol`).
 """
 from __future__ import annotations
 
@@ -48,9 +56,9 @@ COLUMNS = [
     ("train_eval_gap", "train-eval gap"),
     ("test_acc_precise_bn", "acc (precise BN)"),
     ("dead_unit_frac", "dead units"),
-    ("probe_beta_mean", "probe beta (mean)"),
-    ("probe_grad_pred_mean", "probe grad change (mean)"),
-    ("probe_loss_range_mean", "probe loss range (mean)"),
+    ("probe_beta_mean", "probe beta (mean, lr-mode probe)"),
+    ("probe_grad_pred_mean", "probe grad change (mean, lr-mode probe)"),
+    ("probe_loss_range_mean", "probe loss range (mean, lr-mode probe)"),
 ]
 
 
@@ -59,6 +67,12 @@ def summary_columns() -> list[tuple[str, str]]:
     accuracies and the gap are fractions (0-1; the gap may be negative); dead units is a
     fraction of channels; the probe means average ``probe/*`` over a run's probes."""
     return list(COLUMNS)
+
+
+def summary_units() -> dict[str, tuple[float, str]]:
+    """summary key -> (scale, unit) the report shows it in: fractions as percent."""
+    pct = {k: (100.0, "%") for k in ("test_acc_eval_mode", "test_acc_train_mode", "test_acc_precise_bn")}
+    return {**pct, "train_eval_gap": (100.0, "points"), "dead_unit_frac": (100.0, "% of channels")}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,10 +84,22 @@ def _run_dir(summary: dict) -> Optional[Path]:
 
 
 def _method(summary: dict) -> str:
-    """The report's row name (``kind``, or ``kind+clip`` when clipping is on)."""
-    from normbench.report import base_method
+    """The method's display name (``no norm + AGC (λ 0.16)``)."""
+    from normbench.display import display_name
 
-    return base_method(summary.get("config") or {})
+    return display_name(summary.get("config") or {})
+
+
+def _fixed(summary: dict) -> bool:
+    from normbench.report_study import probe_mode
+
+    return probe_mode(summary) == "fixed"
+
+
+def _title(fig, what: str, summaries: list[dict]) -> None:
+    from normbench.display import protocol
+
+    fig.suptitle(f"{what}\n{protocol(summaries)}", fontsize=10)
 
 
 def _kind(summary: dict) -> str:
@@ -107,25 +133,36 @@ def _figure(rows: int, cols: int, width: float, height: float):
     return fig, axes
 
 
-def _colours(summaries: list[dict]) -> dict[str, tuple]:
-    """The report's colour for every method with a completed run (the accuracy plot's colours)."""
-    from normbench.report import method_colours
+def _colours(summaries: list[dict]) -> dict:
+    """display name -> :class:`normbench.display.Style` for every method with a completed run,
+    in report order (the accuracy plot's styles)."""
+    from normbench.display import assign_styles, style_key
+    from normbench.report import _method_sort_key, base_method
 
-    return method_colours([_method(s) for s in summaries if s.get("status") == "completed"])
+    first: dict[str, dict] = {}
+    for s in summaries:
+        if s.get("status") == "completed":
+            first.setdefault(_method(s), s.get("config") or {})
+    ordered = sorted(first, key=lambda m: (_method_sort_key(base_method(first[m])), m))
+    return assign_styles((m, style_key(first[m])) for m in ordered)
 
 
 def _large_to_small(ax, batches: list[int]) -> None:
     """The accuracy plot's batch axis (large to small, log2), with a grid."""
-    from normbench.report import batch_axis
+    from normbench.report_plots import batch_axis
 
     batch_axis(ax, batches)
     ax.grid(True, alpha=0.3)
 
 
-def _in_report_order(methods) -> list[str]:
-    from normbench.report import _method_sort_key
+def _in_report_order(methods, colours: dict) -> list[str]:
+    return [m for m in colours if m in methods] + sorted(m for m in methods if m not in colours)
 
-    return sorted(methods, key=_method_sort_key)
+
+def _style(colours: dict, method: str):
+    from normbench.display import Style
+
+    return colours.get(method, Style("0.5", "o"))
 
 
 def _running_median(values: list[float], k: int = 5) -> list[float]:
@@ -136,8 +173,9 @@ def _running_median(values: list[float], k: int = 5) -> list[float]:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_bn_gap(summaries: list[dict], path: Path, colours: dict[str, tuple]) -> Optional[Path]:
-    """The train/eval gap and the three accuracies against the batch size (log2 axis)."""
+def plot_bn_gap(summaries: list[dict], path: Path, colours: dict) -> Optional[Path]:
+    """The train/eval gap and the accuracies with running and batch statistics against the
+    batch size (log2 axis), and with precise-BN statistics where the summaries have them."""
     cells: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
         if s.get("status") != "completed" or not _batch_dependent(s):
@@ -147,25 +185,30 @@ def plot_bn_gap(summaries: list[dict], path: Path, colours: dict[str, tuple]) ->
         cells[_method(s)][_batch(s)].append(s)
     if not cells:
         return None
-    fig, axes = _figure(1, 2, 11.0, 4.2)
+    fig, axes = _figure(1, 2, 11.0, 4.8)
     gap_ax, acc_ax = axes[0]
     batches_seen: set[int] = set()
-    for method, by_batch in sorted(cells.items()):
+    drawn: set[str] = set()
+    for method in _in_report_order(cells, colours):
+        by_batch = cells[method]
         xs = sorted(by_batch)
         batches_seen.update(xs)
-        c = colours[method]
+        c, marker = _style(colours, method)
         gaps = [100 * mean(_num(s["train_eval_gap"]) for s in by_batch[b]) for b in xs]
-        gap_ax.plot(xs, gaps, "-o", color=c, label=method)
+        gap_ax.plot(xs, gaps, "-", marker=marker, color=c, label=method)
         for b in xs:
             if len(by_batch[b]) > 1:
                 gap_ax.scatter([b] * len(by_batch[b]), [100 * s["train_eval_gap"] for s in by_batch[b]],
                                color=c, alpha=0.35, s=12)
-        for key, style, name in (("test_acc_eval_mode", "-o", "eval mode"), ("test_acc_train_mode", "--s", "train mode"),
-                                 ("test_acc_precise_bn", ":^", "precise BN")):
+        for key, style, name in (("test_acc_eval_mode", "-", "running stats (eval)"),
+                                 ("test_acc_train_mode", "--", "batch stats (train)"),
+                                 ("test_acc_precise_bn", ":", "precise BN")):
             pts = [(b, [_num(s.get(key)) for s in by_batch[b]]) for b in xs]
             pts = [(b, mean(v for v in vals if v is not None)) for b, vals in pts if any(v is not None for v in vals)]
             if pts:
-                acc_ax.plot([b for b, _ in pts], [100 * v for _, v in pts], style, color=c, label=f"{method}, {name}")
+                drawn.add(name)
+                acc_ax.plot([b for b, _ in pts], [100 * v for _, v in pts], style, marker=marker, color=c,
+                            label=f"{method}, {name}")
     for ax in (gap_ax, acc_ax):
         _large_to_small(ax, sorted(batches_seen))
     gap_ax.axhline(0.0, color="black", lw=0.8)
@@ -173,8 +216,12 @@ def plot_bn_gap(summaries: list[dict], path: Path, colours: dict[str, tuple]) ->
     gap_ax.set_title("BN train/eval gap")
     gap_ax.legend(fontsize=8)
     acc_ax.set_ylabel("test accuracy (%)")
-    acc_ax.set_title("running stats (eval) vs batch stats (train) vs precise BN")
-    acc_ax.legend(fontsize=7)
+    names = [n for n in ("running stats (eval)", "batch stats (train)", "precise BN") if n in drawn]
+    acc_ax.set_title(" vs ".join(names) if names else "no accuracy measured")
+    if names:
+        acc_ax.legend(fontsize=7)
+    _title(fig, "batch-statistics methods: test accuracy by the statistics used",
+           [s for by_batch in cells.values() for runs in by_batch.values() for s in runs])
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -198,16 +245,19 @@ def _probe_records(run_dir: Path) -> list[dict]:
     return sorted(out, key=lambda r: r["step"])
 
 
-def _probe_runs(summaries: list[dict]) -> dict[int, dict[str, list[list[dict]]]]:
-    """batch size -> method -> the probe records of each completed run (one list per seed)."""
+def _probe_runs(summaries: list[dict], used: Optional[list] = None) -> dict[int, dict[str, list[list[dict]]]]:
+    """batch size -> method -> the probe records of each completed lr-mode run (one list per
+    seed); ``used`` collects the summaries of those runs."""
     rows: dict[int, dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for s in summaries:
         where = _run_dir(s)
-        if s.get("status") != "completed" or where is None or _batch(s) is None:
-            continue
+        if s.get("status") != "completed" or where is None or _batch(s) is None or _fixed(s):
+            continue  # fixed-mode probes measure something else: analysis_probe_fixed.png
         recs = _probe_records(where)
         if recs:
             rows[_batch(s)][_method(s)].append(recs)
+            if used is not None:
+                used.append(s)
     return rows
 
 
@@ -227,7 +277,7 @@ def _seed_mean(runs: list[list[dict]], key: str) -> tuple[list[float], list[floa
 
 
 def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
-               colours: dict[str, tuple]) -> Optional[Path]:
+               colours: dict, protocol_line: str = "") -> Optional[Path]:
     """Santurkar et al. Fig. 4 per method: loss band, gradient-change band, effective beta."""
     if not rows:
         return None
@@ -235,8 +285,8 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
     fig, axes = _figure(len(batches), 3, 15.0, 3.6 * len(batches))
     for r, b in enumerate(batches):
         loss_ax, grad_ax, beta_ax = axes[r]
-        for method in _in_report_order(rows[b]):
-            runs, c = rows[b][method], colours.get(method, "0.5")
+        for method in _in_report_order(rows[b], colours):
+            runs, c = rows[b][method], _style(colours, method).colour
             ep, lo = _seed_mean(runs, "probe/loss_min")
             _, hi = _seed_mean(runs, "probe/loss_max")
             loss_ax.fill_between(ep, lo, hi, color=c, alpha=0.3, lw=0)
@@ -257,6 +307,7 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
         beta_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"landscape probe along each training step (lr mode)\n{protocol_line}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -268,18 +319,16 @@ PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "comparable across 
 
 
 def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
-                        colours: dict[str, tuple]) -> Optional[Path]:
+                        colours: dict, protocol_line: str = "") -> Optional[Path]:
     """Each probe quantity against the batch size: per run the median over its probes (robust
     to the rise at the end of a cosine schedule), then the mean over seeds; one line per method."""
     if not rows:
         return None
     batches = sorted(rows)
-    methods = _in_report_order({m for by_method in rows.values() for m in by_method})
-    from normbench.report import MARKERS
-
-    fig, axes = _figure(1, 3, 16.0, 4.6)
+    methods = _in_report_order({m for by_method in rows.values() for m in by_method}, colours)
+    fig, axes = _figure(1, 3, 16.0, 5.0)
     for ax, (key, title, note) in zip(axes[0], PROBE_SUMMARY):
-        for i, method in enumerate(methods):
+        for method in methods:
             pts = []
             for b in batches:
                 per_run = [median(vals) for recs in rows[b].get(method, [])
@@ -287,13 +336,16 @@ def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path
                 if per_run:
                     pts.append((b, mean(per_run)))
             if pts:
-                ax.plot([b for b, _ in pts], [v for _, v in pts], "-" + MARKERS[i % len(MARKERS)],
-                        color=colours.get(method, "0.5"), label=method, markersize=4)
+                colour, marker = _style(colours, method)
+                ax.plot([b for b, _ in pts], [v for _, v in pts], "-", marker=marker,
+                        color=colour, label=method, markersize=5)
         _large_to_small(ax, batches)
         ax.set_yscale("log")
         ax.set_title(f"{title}\n({note})", fontsize=10)
         ax.set_ylabel("median over the run's probes")
     axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"landscape probe along each training step (lr mode), per batch size\n{protocol_line}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -305,9 +357,58 @@ def plots(summaries: list[dict], out_dir: Path) -> list[Path]:
     skipped)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from normbench.display import protocol
+
     colours = _colours(summaries)
-    probes = _probe_runs(summaries)
+    probed: list[dict] = []
+    probes = _probe_runs(summaries, probed)
+    lr_line = protocol(probed)
     written = [plot_bn_gap(summaries, out_dir / "analysis_bn_gap.png", colours),
-               plot_probe(probes, out_dir / "analysis_probe.png", colours),
-               plot_probe_vs_batch(probes, out_dir / "analysis_probe_vs_batch.png", colours)]
+               plot_probe(probes, out_dir / "analysis_probe.png", colours, lr_line),
+               plot_probe_vs_batch(probes, out_dir / "analysis_probe_vs_batch.png", colours, lr_line),
+               plot_probe_fixed(summaries, out_dir / "analysis_probe_fixed.png", colours)]
     return [p for p in written if p is not None]
+
+
+FIXED_SUMMARY = (("probe_beta_median", "effective β-smoothness (fixed probe)", "‖Δg‖ per unit distance", True),
+                 ("probe_linearity_median", "linearity of the gradient change (fixed probe)",
+                  "1 = linear in the distance", False))
+
+
+def plot_probe_fixed(summaries: list[dict], path: Path, colours: dict) -> Optional[Path]:
+    """Fixed-mode runs only: per run the median of each fixed-probe quantity over its probes,
+    against the batch size; mean over seeds with the 95% t-interval (none for one seed)."""
+    from normbench.report_stats import interval
+
+    done = [s for s in summaries if s.get("status") == "completed" and _fixed(s) and _batch(s) is not None]
+    cells: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for s in done:
+        for key, *_ in FIXED_SUMMARY:
+            v = _num(s.get(key))
+            if v is not None:
+                cells[key][_method(s)][_batch(s)].append(v)
+    if not cells:
+        return None
+    fig, axes = _figure(1, len(FIXED_SUMMARY), 13.0, 5.0)
+    batches = sorted({b for by_method in cells.values() for by_batch in by_method.values() for b in by_batch})
+    for ax, (key, title, unit, log) in zip(axes[0], FIXED_SUMMARY):
+        for method in _in_report_order(cells.get(key, {}), colours):
+            colour, marker = _style(colours, method)
+            by_batch = cells[key][method]
+            xs = sorted(by_batch)
+            cis = [interval(by_batch[b]) for b in xs]
+            ax.errorbar(xs, [c.mean for c in cis], yerr=[c.half or 0.0 for c in cis], color=colour, marker=marker,
+                        capsize=3, markersize=5, label=method)
+        _large_to_small(ax, batches)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(f"median over the run's probes ({unit})")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    from normbench.display import protocol
+
+    fig.suptitle("fixed landscape probe (same distances at every batch size and lr); mean over seeds, "
+                 f"95% t-intervals\n{protocol(done)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

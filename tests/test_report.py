@@ -26,7 +26,7 @@ def write_run(root: Path, kind: str, batch: int, seed: int, status: str = "compl
               "optim": {"lr": 0.1}, "log": {"out_dir": str(root)}}
     for dotted, value in config_extra.items():
         section, key = dotted.split("__")
-        config[section][key] = value
+        config.setdefault(section, {})[key] = value
     run = root / f"{kind}{'+' + clip if clip != 'none' else ''}-b{batch}-s{seed}-{abs(hash(str(config))) % 10**8:08d}"
     run.mkdir(parents=True)
     summary = {"summary_version": 1, "status": status, "run_name": config["name"],
@@ -78,20 +78,23 @@ def test_tables_means_stds_missing_and_marks(runs_dir):
     assert acc.batch_sizes == [2, 8, 32]
     bn2 = acc.cell("bn", 2)
     assert bn2.mean == pytest.approx(55.0) and bn2.std == pytest.approx(statistics.stdev([50.0, 60.0]))
-    assert bn2.text == "55.00 ± 7.07 (n=2)"
+    assert bn2.half == pytest.approx(12.7062 * statistics.stdev([50.0, 60.0]) / 2 ** 0.5, rel=1e-4)
+    assert bn2.text == "55.00 ± 63.53 (n=2)"  # 95% t-interval, t(1) = 12.706
     assert acc.cell("gn", 32).text == "88.00 (n=1)"
     assert acc.cell("gn", 8).missing and acc.cell("gn", 8).text == "missing"
     assert acc.cell("none+agc", 2).text == "diverged (2/2)"
     assert acc.cell("none+agc", 32).text == "70.00 (n=1) +1 div"
     assert acc.cell("none+agc", 8).text == "failed (1/2)"
     assert acc.cell("none+agc", 8).n_failed == 1 and acc.cell("none+agc", 8).n_running == 1
-    # best per column: gn at batch 2, bn at 8 and 32
-    assert acc.cell("gn", 2).best and not acc.cell("bn", 2).best
-    assert acc.cell("bn", 8).best and acc.cell("bn", 32).best
-    speed = report.tables[1]
+    # no best mark anywhere: at batch 2 gn's higher mean has an interval that overlaps bn's;
+    # batch 8 holds one cell, batch 32 single-seed cells (no interval)
+    gn2, bn2ci = acc.cell("gn", 2).ci, acc.cell("bn", 2).ci
+    assert gn2.mean > bn2ci.mean and gn2.lo < bn2ci.hi
+    assert not any(c.best for c in acc.cells.values())
+    speed = next(t for t in report.tables if t.key == "images_per_s")
     assert speed.cell("bn", 2).mean == pytest.approx(200.0)
     md = to_markdown(report)
-    assert "| gn | **81.00 ± 1.41 (n=2)** \\* | missing | 88.00 (n=1) |" in md
+    assert "| GN | 81.00 ± 12.71 (n=2) | missing | 88.00 (n=1) |" in md
     rows = list(csv.DictReader(io.StringIO(to_csv(report))))
     row = next(r for r in rows if r["table"] == "test_accuracy" and r["method"] == "bn" and r["batch_size"] == "2")
     assert float(row["mean"]) == pytest.approx(55.0) and row["n"] == "2" and row["best"] == "False"
@@ -109,9 +112,10 @@ def test_interrupted_runs_are_named_not_running(tmp_path):
 
 def test_error_best_metric_and_method_split(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "gn", 4, 0, acc=0.70, norm__groups=8)
-    write_run(root, "gn", 4, 0, acc=0.75, norm__groups=16)
-    write_run(root, "bn", 4, 0, acc=0.60)
+    for seed, delta in ((0, -0.0001), (1, 0.0001)):  # two seeds each, tight intervals
+        write_run(root, "gn", 4, seed, acc=0.70 + delta, norm__groups=8)
+        write_run(root, "gn", 4, seed, acc=0.75 + delta, norm__groups=16)
+        write_run(root, "bn", 4, seed, acc=0.60 + delta)
     report = build_report(collect(root), metric="best", error=True)
     acc = report.tables[0]
     assert acc.key == "test_error"
@@ -132,7 +136,8 @@ def test_cli_files_plot_and_errors(runs_dir, tmp_path):
         assert (out / name).is_file()
     body = json.loads((out / "report.json").read_text())
     cell = next(c for c in body["tables"][0]["cells"] if c["method"] == "gn" and c["batch_size"] == 2)
-    assert cell["values"] == [80.0, 82.0] and cell["best"] is True
+    assert cell["values"] == [80.0, 82.0] and cell["best"] is False  # its interval overlaps bn's
+    assert cell["ci95_half_width"] == pytest.approx(12.7062, rel=1e-4) and cell["name"] == "GN"
     assert png.read_bytes()[:8] == PNG_MAGIC
 
     empty = tmp_path / "empty"
@@ -215,7 +220,7 @@ def test_completed_run_without_accuracy_is_named_and_left_out_of_n(tmp_path):
     assert "final_test_acc is missing" in warnings[0] and "\n" not in warnings[0]
     cell = build_report(runs).tables[0].cell("bn", 8)
     assert cell.n == 2 and cell.mean == pytest.approx(55.0)
-    assert cell.text == "55.00 ± 7.07 (n=2) +1 no value"
+    assert cell.text == "55.00 ± 63.53 (n=2) +1 no value"
     best = build_report(runs, metric="best").tables[0].cell("bn", 8)
     assert best.n == 3  # the run still has its best accuracy
     edit_summary(bad.parent, setting("final_test_acc", None))
@@ -328,3 +333,267 @@ def test_report_cli_over_every_malformed_summary_at_once(tmp_path):
     gn = next(c for c in body["tables"][0]["cells"] if c["method"] == "gn")
     assert gn["n"] == 3 and gn["text"].endswith("(n=3) +4 no value")  # a string, a bool, a dict, NaN
     assert (tmp_path / "out" / "analysis_probe.png").is_file()  # from the two probe records with a step
+
+
+# ----------------------------------------------------------------------------- study tables and plots
+
+
+def with_summary(run: Path, **values) -> Path:
+    """Add summary keys (the analysis measurements) to a run written by write_run."""
+    edit_summary(run, lambda s: {**s, **values})
+    return run
+
+
+def with_curve(run: Path, accs: dict) -> Path:
+    """A metrics.jsonl with a training record and one test/acc record per epoch."""
+    lines = [{"step": 1, "epoch": 0, "train/loss": 2.3}]
+    lines += [{"epoch": e, "step": 10 * e, "test/acc": a, "test/loss": 1.0} for e, a in accs.items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run
+
+
+def test_t_interval_matches_hand_computed_values():
+    from normbench.report_stats import interval, t_quantile, t_two_sided_prob
+
+    # two-sided 95% Student t quantiles, from printed tables
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)):
+        assert t_quantile(df) == pytest.approx(t, abs=5e-4), df
+    assert t_two_sided_prob(1.959964, 100000) == pytest.approx(0.95, abs=1e-4)
+    # n=2: mean 55, s = 7.0711, half = 12.706 * s / sqrt(2) = 63.53
+    ci = interval([50.0, 60.0])
+    assert ci.mean == 55.0 and ci.n == 2 and ci.half == pytest.approx(63.531, abs=1e-3)
+    # n=3: values 1, 2, 3: s = 1, half = 4.303 / sqrt(3) = 2.484
+    assert interval([1.0, 2.0, 3.0]).half == pytest.approx(2.4843, abs=1e-3)
+    assert interval([7.0]).half is None and interval([]) is None
+
+
+def test_accuracy_cells_show_the_interval_and_single_seeds_none(tmp_path):
+    for seed, acc in enumerate((0.80, 0.82, 0.84)):
+        write_run(tmp_path, "gn", 8, seed, acc=acc)
+    write_run(tmp_path, "bn", 8, 0, acc=0.9)
+    report = build_report(collect(tmp_path))
+    acc = report.tables[0]
+    assert acc.cell("gn", 8).text == "82.00 ± 4.97 (n=3)"  # s = 2, 4.303 * 2 / sqrt(3) = 4.968
+    assert acc.cell("bn", 8).text == "90.00 (n=1)"
+    assert "95% confidence interval" in acc.note and "Student t" in acc.note and "entirely above" in acc.note
+    assert "95% confidence interval" in to_markdown(report)
+
+
+def test_best_mark_needs_an_interval_clear_of_every_other(tmp_path):
+    # batch 2: bn 80/82 (81 ± 12.7) vs gn 70/71 (70.5 ± 6.35): higher mean, overlapping -> no mark
+    # batch 8: bn 80.0/80.2 (80.1 ± 1.27) vs gn 70.0/70.2: clear -> bn marked
+    # batch 32: as batch 8 plus ln 60/100 (80 ± 254): ln's interval reaches over bn's -> no mark
+    for seed, (a, b) in enumerate(((0.80, 0.70), (0.82, 0.71))):
+        write_run(tmp_path, "bn", 2, seed, acc=a)
+        write_run(tmp_path, "gn", 2, seed, acc=b)
+    for batch in (8, 32):
+        for seed, (a, b) in enumerate(((0.800, 0.700), (0.802, 0.702))):
+            write_run(tmp_path, "bn", batch, seed, acc=a)
+            write_run(tmp_path, "gn", batch, seed, acc=b)
+    write_run(tmp_path, "ln", 32, 0, acc=0.6)
+    write_run(tmp_path, "ln", 32, 1, acc=1.0)
+    acc = build_report(collect(tmp_path)).tables[0]
+    assert acc.cell("bn", 2).mean > acc.cell("gn", 2).mean
+    assert not acc.cell("bn", 2).best and not acc.cell("gn", 2).best
+    assert acc.cell("bn", 8).best and not acc.cell("gn", 8).best
+    assert not any(acc.cell(m, 32).best for m in ("bn", "gn", "ln"))
+    err = build_report(collect(tmp_path), error=True).tables[0]  # lowest error, same rule
+    assert err.cell("bn", 8).best and not err.cell("bn", 2).best
+    assert "**80.10 ± 1.27 (n=2)** \\*" in to_markdown(build_report(collect(tmp_path)))
+
+
+def test_batch_effect_pairs_only_seeds_present_at_both_batch_sizes(tmp_path):
+    # bn: batch 2 seeds 0, 1, 2; batch 32 seeds 0, 1, 3 -> pairs 0 and 1 only
+    for seed, acc in ((0, 0.50), (1, 0.56), (2, 0.10)):
+        write_run(tmp_path, "bn", 2, seed, acc=acc)
+    for seed, acc in ((0, 0.60), (1, 0.62), (3, 0.99)):
+        write_run(tmp_path, "bn", 32, seed, acc=acc)
+    write_run(tmp_path, "bn", 8, 0, acc=0.58)
+    for seed in (0, 1):
+        write_run(tmp_path, "gn", 2, seed, acc=0.40 + 0.01 * seed)
+    write_run(tmp_path, "gn", 32, 0, acc=0.41)
+    write_run(tmp_path, "gn", 32, 1, status="diverged")
+    report = build_report(collect(tmp_path))
+    effect = next(t for t in report.tables if t.key == "batch_effect")
+    assert effect.batch_sizes == [2] and effect.column(2) == "b=2 − b=32"
+    bn = effect.cell("bn", 2)
+    assert bn.values == pytest.approx([-10.0, -6.0]) and bn.paired_seeds == [0, 1]
+    # mean -8, s = 2.828, half = 12.706 * 2.828 / sqrt(2) = 25.41; seeds 2 and 3 unpaired
+    assert bn.text == "-8.00 ± 25.41 (n=2) +2 unpaired"
+    gn = effect.cell("gn", 2)
+    assert gn.values == pytest.approx([-1.0]) and gn.text == "-1.00 (n=1) +1 div +1 unpaired"
+    other = build_report(collect(tmp_path), small_batch=8, ref_batch=32)
+    cell = next(t for t in other.tables if t.key == "batch_effect").cell("bn", 8)
+    assert cell.values == pytest.approx([-2.0]) and cell.paired_seeds == [0]
+    with pytest.raises(UserError, match="--ref-batch: no run has batch size 64"):
+        build_report(collect(tmp_path), ref_batch=64)
+    assert "| BN | -8.00 ± 25.41 (n=2) +2 unpaired |" in to_markdown(report)
+
+
+def test_display_names_and_styles_in_tables(tmp_path):
+    write_run(tmp_path, "none", 2, 0, acc=0.3, clip="agc", clip__agc_lambda=0.16)
+    write_run(tmp_path, "none", 2, 0, acc=0.3, clip="none")
+    write_run(tmp_path, "none", 2, 0, acc=0.3, clip="dynamic")
+    write_run(tmp_path, "frn", 2, 0, acc=0.4, norm__frn_activation="relu")
+    write_run(tmp_path, "frn", 2, 0, acc=0.4, norm__frn_activation="tlu")
+    for kind in ("bn", "ghost_bn", "brn", "ln", "in", "ws_gn", "evonorm_s0", "nf"):
+        write_run(tmp_path, kind, 2, 0, acc=0.5)
+    runs = collect(tmp_path)
+    md = to_markdown(build_report(runs))
+    for name in ("BN", "Ghost BN (ghost 16)", "Batch Renorm", "LN", "IN", "WS + GN", "EvoNorm-S0", "NF-ResNet",
+                 "no norm + AGC (λ 0.16)", "no norm, no clipping", "no norm + dynamic clipping", "FRN + ReLU",
+                 "FRN + TLU"):
+        assert f"\n| {name} | " in md, name
+    assert "| none+agc |" not in md and "frn_activation" not in md
+    from normbench.report_plots import styles
+
+    style = styles(runs)
+    assert len(style) == 13 and len(set(style.values())) == 13
+    assert len({s.colour for s in style.values()}) == 13 and len({s.marker for s in style.values()}) == 13
+
+
+def _lab(colour: str) -> tuple:
+    """sRGB hex -> CIELAB (D65)."""
+    lin = [(c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4)
+           for c in (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))]
+    xyz = [sum(w * c for w, c in zip(row, lin)) / n for row, n in (((0.4124, 0.3576, 0.1805), 0.95047),
+                                                                    ((0.2126, 0.7152, 0.0722), 1.0),
+                                                                    ((0.0193, 0.1192, 0.9505), 1.08883))]
+    f = [v ** (1 / 3) if v > 0.008856 else 7.787 * v + 16 / 116 for v in xyz]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def test_fixed_styles_differ_in_colour_and_marker():
+    import itertools
+    import math
+
+    from normbench.display import STYLES
+
+    assert len({s.marker for s in STYLES.values()}) == len(STYLES)
+    closest = min(math.dist(_lab(a.colour), _lab(b.colour)) for a, b in itertools.combinations(STYLES.values(), 2))
+    assert closest >= 25.0  # no two methods in near-identical hues
+
+
+def test_protocol_in_titles_is_read_from_the_summaries(tmp_path):
+    from normbench.display import protocol
+
+    for batch, seeds in ((2, 4), (8, 4), (32, 2), (128, 2)):
+        for seed in range(seeds):
+            for kind in ("bn", "gn"):
+                write_run(tmp_path, kind, batch, seed, acc=0.5, train__epochs=6)
+    write_run(tmp_path, "gn", 32, 2, status="diverged", train__epochs=6)
+    summaries = [r.summary for r in collect(tmp_path)]
+    assert protocol(summaries) == "ResNet-20 / CIFAR-10, 6 epochs, seeds 4/4/2/2 at batch 2/8/32/128"
+    write_run(tmp_path, "ln", 2, 0, acc=0.5, train__epochs=6)
+    assert protocol([r.summary for r in collect(tmp_path)]).endswith("seeds 1–4/4/2/2 at batch 2/8/32/128")
+
+
+def test_curves_plot_is_written_from_the_metrics(tmp_path):
+    from normbench.report_plots import curves
+
+    runs_root = tmp_path / "runs"
+    with_curve(write_run(runs_root, "bn", 2, 0, acc=0.5), {1: 0.30, 2: 0.50})
+    with_curve(write_run(runs_root, "bn", 2, 1, acc=0.6), {1: 0.40, 2: 0.60})
+    with_curve(write_run(runs_root, "gn", 2, 0, acc=0.5), {1: 0.20, 2: 0.50})
+    with_curve(write_run(runs_root, "gn", 2, 1, acc=0.5), {1: 0.30})  # epoch 2 missing: not averaged
+    with_curve(write_run(runs_root, "bn", 32, 0, acc=0.7), {1: 0.70})
+    data = curves(build_report(collect(runs_root)).runs)
+    assert [v for p in data[2]["bn"] for v in p] == pytest.approx([1, 35, 30, 40, 2, 55, 50, 60])
+    assert [v for p in data[2]["gn"] for v in p] == pytest.approx([1, 25, 20, 30])
+    assert [v for p in data[32]["bn"] for v in p] == pytest.approx([1, 70, 70, 70])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["report", str(runs_root), "--plot", str(out / "accuracy.png")])
+    assert res.exit_code == 0, res.output
+    assert (out / "accuracy_curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert f"wrote {out / 'accuracy_curves.png'}" in res.output
+
+
+def test_fixed_probe_table_leaves_out_lr_mode_runs(tmp_path):
+    from normbench.report_analysis import _probe_runs
+
+    fixed = {"probe_mode": "fixed", "probe_count": 20, "probe_beta_mean": 1.0}
+    for seed, beta in ((0, 10.0), (1, 12.0)):
+        with_summary(write_run(tmp_path, "bn", 8, seed, acc=0.5, analysis__probe_mode="fixed"),
+                     probe_beta_median=beta, probe_linearity_median=1.0, **fixed)
+    with_summary(write_run(tmp_path, "gn", 8, 0, acc=0.5, analysis__probe_mode="fixed"),
+                 probe_beta_median=3.0, probe_linearity_median=0.9, **fixed)
+    lr = [with_summary(write_run(tmp_path, kind, 8, 5, acc=0.5, analysis__probe_mode="lr"),
+                       probe_beta_median=999.0, probe_beta_mean=999.0, probe_count=4) for kind in ("bn", "ln")]
+    probe = {"probe/loss_range": 0.1, "probe/loss_min": 2.0, "probe/loss_max": 2.1, "probe/grad_pred": 0.5,
+             "probe/grad_pred_min": 0.2, "probe/beta": 2.0}
+    for run in lr:
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "epoch": s / 30, **probe}) + "\n"
+                                                   for s in (3, 6)))
+    fixed_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("gn-b8"))
+    (fixed_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "epoch": 0.1, **probe}) + "\n")
+    runs = collect(tmp_path)
+    report = build_report(runs, extra_columns=[("probe_beta_mean", "probe beta (mean)")])
+    beta = next(t for t in report.tables if t.key == "probe_beta_fixed")
+    assert beta.methods == ["bn", "gn"]  # ln probed in lr mode only
+    assert beta.cell("bn", 8).values == [10.0, 12.0] and beta.cell("bn", 8).text == "11.00 ± 12.71 (n=2)"
+    assert beta.cell("gn", 8).values == [3.0]
+    lin = next(t for t in report.tables if t.key == "probe_linearity_fixed")
+    assert lin.cell("gn", 8).values == [0.9]
+    lr_table = next(t for t in report.tables if t.key == "probe_beta_mean")
+    assert lr_table.cell("bn", 8).values == [999.0] and lr_table.methods == ["bn", "ln"]
+    rows = _probe_runs([{**r.summary, "_dir": str(r.path)} for r in runs])
+    assert sorted(rows[8]) == ["BN", "LN"]  # the lr-mode probe plots leave the fixed-mode gn run out
+    from normbench.report_analysis import plots
+
+    paths = plots([{**r.summary, "_dir": str(r.path)} for r in runs], tmp_path / "plots")
+    assert (tmp_path / "plots" / "analysis_probe_fixed.png") in paths
+
+
+def test_batch_statistics_table_and_units_in_csv(tmp_path):
+    for seed in (0, 1):
+        with_summary(write_run(tmp_path, "bn", 2, seed, acc=0.5 + 0.01 * seed),
+                     test_acc_eval_mode=0.5 + 0.01 * seed, test_acc_train_mode=0.45, test_acc_precise_bn=0.52,
+                     train_eval_gap=-0.05 - 0.01 * seed)
+        with_summary(write_run(tmp_path, "bn", 32, seed, acc=0.6), test_acc_eval_mode=0.6,
+                     test_acc_train_mode=0.58, train_eval_gap=-0.02)
+        write_run(tmp_path, "gn", 2, seed, acc=0.4)
+    from normbench.report import analysis_columns
+
+    report = build_report(collect(tmp_path), extra_columns=analysis_columns()[0])
+    stats = next(t for t in report.tables if t.key == "batch_stats_accuracy")
+    assert stats.methods == ["bn | eval", "bn | train", "bn | precise"]
+    assert stats.label("bn | train") == "BN: batch statistics (train mode)"
+    assert stats.cell("bn | eval", 2).mean == pytest.approx(50.5)
+    assert stats.cell("bn | train", 2).mean == pytest.approx(45.0)
+    assert stats.cell("bn | precise", 2).mean == pytest.approx(52.0) and stats.cell("bn | precise", 32).text == "—"
+    keys = [t.key for t in report.tables]
+    assert "test_acc_train_mode" not in keys and "train_eval_gap" in keys  # the stats table shows them
+    gap = next(t for t in report.tables if t.key == "train_eval_gap")
+    assert gap.unit == "points" and gap.cell("bn", 2).mean == pytest.approx(-5.5)
+    md = to_markdown(report)
+    assert "| BN: precise-BN statistics | 52.00 ± 0.00 (n=2) | — |" in md
+    rows = list(csv.DictReader(io.StringIO(to_csv(report))))
+    assert {"unit", "name", "ci95_half_width", "ci95_low", "ci95_high"} <= set(rows[0])
+    units = {r["table"]: r["unit"] for r in rows}
+    assert units["test_accuracy"] == "%" and units["batch_effect"] == "points"
+    assert units["batch_stats_accuracy"] == "%" and units["train_eval_gap"] == "points"
+    row = next(r for r in rows if r["table"] == "test_accuracy" and r["method"] == "bn" and r["batch_size"] == "2")
+    assert row["name"] == "BN" and float(row["ci95_low"]) == pytest.approx(50.5 - 12.7062 * 0.5, abs=1e-3)
+
+
+def test_bn_gap_plot_draws_precise_bn_only_when_measured(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from normbench.report_analysis import plots
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+
+    def bn(batch, seed, **extra):
+        run = write_run(tmp_path / f"set{len(extra)}", "bn", batch, seed, acc=0.6)
+        return {**json.loads((run / "summary.json").read_text()), "_dir": str(run), "train_eval_gap": -0.03,
+                "test_acc_eval_mode": 0.6, "test_acc_train_mode": 0.57, **extra}
+
+    plots([bn(2, 0), bn(32, 0)], tmp_path / "a")
+    titles = [ax.get_title() for ax in figures[-1].axes]
+    assert "running stats (eval) vs batch stats (train)" in titles and not any("precise" in t for t in titles)
+    plots([bn(2, 0, test_acc_precise_bn=0.59), bn(32, 0, test_acc_precise_bn=0.61)], tmp_path / "b")
+    titles = [ax.get_title() for ax in figures[-1].axes]
+    assert "running stats (eval) vs batch stats (train) vs precise BN" in titles
+    lines = [line.get_label() for ax in figures[-1].axes for line in ax.get_lines()]
+    assert "BN, precise BN" in lines
