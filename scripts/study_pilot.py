@@ -141,7 +141,8 @@ def main() -> None:
     ap.add_argument("--large-batch-seeds", type=int, default=1, help="seeds sampled at batch sizes above --pack-max-batch")
     ap.add_argument("--extra-epoch-runs", type=float, default=0.0,
                     help="further single-seed run-epochs to add (controls), in units of an average run-epoch")
-    ap.add_argument("--skip-sweep", action="store_true", help="reuse the pilot runs already in OUT")
+    ap.add_argument("--skip-sweep", action="store_true",
+                    help="project again from the pilot runs and timings already in OUT (e.g. for another grid)")
     args = ap.parse_args()
 
     path, full_grid = pilot_sweep(args.study, args.out, args.images, args.large_batch_seeds, args.pack_max_batch)
@@ -152,11 +153,13 @@ def main() -> None:
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
     sweep_wall = time.perf_counter() - t0
-    if args.skip_sweep:
-        sweep_wall = json.loads((args.out / "pilot.json").read_text())["sweep_wall_s"]
+    probe_cache: dict[str, float] = {}
+    if args.skip_sweep:  # the recorded measurements: the sweep's wall time and every probe time
+        recorded = json.loads((args.out / "pilot.json").read_text())
+        sweep_wall = recorded["sweep_wall_s"]
+        probe_cache = {u["method"]: u["probe_s"] for u in recorded["units"]}
 
     units = units_of(args.out / "runs")
-    probe_cache: dict[str, float] = {}
     for u in units:
         if u["method"] not in probe_cache:
             probe_cache[u["method"]] = probe_seconds(u["config"])
