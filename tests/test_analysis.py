@@ -127,6 +127,7 @@ def test_probe_of_batch_renorm_uses_the_statistics_its_gradient_saw():
     assert again.beta.item() == pytest.approx(fixed[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_engine_hands_the_probe_the_buffers_from_before_the_step(tiny_cfg, monkeypatch):
     seen = []
     real = analysis.probe_model
@@ -176,6 +177,7 @@ def _train_metrics(cfg):
             for r in RunDir(cfg.run_dir()).read_metrics() if "train/loss" in r or "test/acc" in r]
 
 
+@pytest.mark.slow
 def test_probe_histograms_and_dead_units_do_not_change_training(tiny_cfg, tmp_path):
     on = tiny_cfg(**{"log.out_dir": str(tmp_path / "on"), "analysis.probe_every": 2, "analysis.hist_every": 3,
                      "analysis.dead_units": True, "analysis.dead_units_images": 40})
@@ -221,6 +223,7 @@ class InterruptAt(engine.Progress):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_pending_probes_survive_an_interruption(tiny_cfg, tmp_path):
     extra = {"analysis.probe_every": 2, "train.log_every": 2}
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})

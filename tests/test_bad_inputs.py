@@ -192,6 +192,7 @@ def test_every_command_reports_an_unknown_flag_in_one_line(command):
     assert out.endswith(f"(see 'normbench {name} --help')"), out
 
 
+@pytest.mark.slow
 def test_usage_error_is_one_line_from_the_installed_entry_point(tmp_path):
     from conftest import run_cli
 

@@ -88,6 +88,7 @@ def test_uncreatable_data_root_is_named(tmp_path):
         D.ensure_cifar10(blocker / "data", allow_download=False)
 
 
+@pytest.mark.slow
 def test_bundled_mirror_decodes_to_full_cifar10(tmp_path):
     """The offline mirror: 50,000 + 10,000 images, 10 balanced classes, official layout."""
     folder = D.decode_mirror(tmp_path)

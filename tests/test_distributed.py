@@ -78,6 +78,7 @@ def _syncbn_worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_syncbn_two_processes_equal_bn_on_the_whole_batch(tmp_path):
     mp.spawn(_syncbn_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ref_outs, ref_grads, ref_mean, ref_var = single_process_reference()
@@ -110,6 +111,7 @@ def sets(synth_root, out_dir, **extra):
     return [a for s in tiny_overrides(synth_root, out_dir, **extra) for a in ("--set", s)]
 
 
+@pytest.mark.slow
 def test_ddp_train_equals_single_process_over_the_same_global_batches(synth_root, tmp_path):
     common = {"norm.kind": "gn", "norm.groups": 2, "train.epochs": 2, "name": "ddp"}
     proc = torchrun(sets(synth_root, tmp_path / "ddp", **common, **{"train.batch_size": 10}), tmp_path / "log")
@@ -148,6 +150,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_killing_one_rank_ends_the_job(synth_root, tmp_path):
     args = sets(synth_root, tmp_path / "runs", **{"train.epochs": 200, "train.batch_size": 10, "name": "victim"})
     proc = torchrun(args, tmp_path / "log")
@@ -163,6 +166,7 @@ def test_killing_one_rank_ends_the_job(synth_root, tmp_path):
     assert time.time() - t0 < 150
 
 
+@pytest.mark.slow
 def test_syncbn_run_measures_after_training_without_collectives(synth_root, tmp_path):
     """Dead units (every epoch), the probe and the train-mode evaluation run on rank 0 alone;
     through SyncBatchNorm they would all-reduce with a rank that is training or gone. They

@@ -34,6 +34,7 @@ def comparable_metrics(run_dir):
     return [{k: v for k, v in rec.items() if not k.startswith("perf/")} for rec in RunDir(run_dir).read_metrics()]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_identical_to_uninterrupted(tiny_cfg, tmp_path):
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), "train.epochs": 3})
     killed = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), "train.epochs": 3})
@@ -52,6 +53,7 @@ def test_resume_after_kill_is_identical_to_uninterrupted(tiny_cfg, tmp_path):
     assert s1["final_test_acc"] == s2["final_test_acc"]
 
 
+@pytest.mark.slow
 def test_periodic_mid_epoch_checkpoint_resumes_identically(tiny_cfg, tmp_path):
     """log.checkpoint_every_s: a kill -9 inside a long epoch loses at most that much work, and
     the resume from a mid-epoch checkpoint is bit-identical to an uninterrupted run."""
@@ -99,6 +101,7 @@ def test_no_decay_norm_bias_groups():
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_every_output(synth_root, tmp_path):
     out = tmp_path / "runs"
     sets = tiny_overrides(synth_root, out, **{"train.epochs": 2, "clip.mode": "norm", "name": "e2e"})
@@ -123,6 +126,7 @@ def test_cli_end_to_end_writes_every_output(synth_root, tmp_path):
     assert again.returncode == 0 and "already completed" in again.stdout
 
 
+@pytest.mark.slow
 def test_absurd_lr_diverges_with_exit_1(synth_root, tmp_path):
     sets = tiny_overrides(synth_root, tmp_path / "runs", **{"optim.lr": 1e8, "optim.warmup_epochs": 0,
                                                             "train.epochs": 3, "optim.momentum": 0.0})

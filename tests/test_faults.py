@@ -75,6 +75,7 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.005) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(synth_root, tmp_path, reference):
     ref_out, ref_wall = reference
     out = tmp_path / "runs"
@@ -110,6 +111,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(synth_root, tmp_p
     assert not list(the_run_dir(out).glob(".*.tmp"))  # dead writers' temp files cleaned up
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_marks_interrupted_and_resumes(synth_root, tmp_path, reference, sig, code):
     ref_out, _ = reference
@@ -131,6 +133,7 @@ def test_signal_checkpoints_marks_interrupted_and_resumes(synth_root, tmp_path, 
     assert_same_result(ref_out, out)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_without_corruption(synth_root, tmp_path):
     out = tmp_path / "runs"
     proc = start(train_cmd(synth_root, out), NORMBENCH_TEST_WRITE_PAUSE="0.3")
@@ -148,6 +151,7 @@ def test_second_ctrl_c_exits_at_once_without_corruption(synth_root, tmp_path):
         run_dir.read_summary()
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_named_and_fresh_recovers(synth_root, tmp_path):
     sets = tiny_overrides(synth_root, tmp_path / "runs", **{"train.epochs": 2})
     args = ["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]
@@ -167,6 +171,7 @@ def test_corrupt_checkpoint_is_named_and_fresh_recovers(synth_root, tmp_path):
     assert run_cli(*args, "--fresh").returncode == 0
 
 
+@pytest.mark.slow
 def test_corrupt_summary_is_named_and_fresh_recovers(synth_root, tmp_path):
     sets = tiny_overrides(synth_root, tmp_path / "runs", **{"train.epochs": 1})
     args = ["train", "--no-progress", *[a for s in sets for a in ("--set", s)]]
@@ -178,6 +183,7 @@ def test_corrupt_summary_is_named_and_fresh_recovers(synth_root, tmp_path):
     assert run_cli(*args, "--fresh").returncode == 0
 
 
+@pytest.mark.slow
 def test_corrupt_data_batch_is_named(tmp_path):
     from normbench.data import synthetic_cifar
 
@@ -263,6 +269,7 @@ def test_disk_full_names_the_folder_and_keeps_the_last_checkpoint(tiny_cfg, smal
     assert engine.train(cfg)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_read_only_output_folder_is_named(tiny_cfg, small_fs):
     (small_fs / "runs").mkdir()
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)

@@ -41,6 +41,7 @@ def cli_args(root: Path, out: Path, **extra) -> list[str]:
 # ----------------------------------------------------------------------------- the data folder
 
 
+@pytest.mark.slow
 def test_data_folder_missing_a_file_is_named_and_left_untouched(tmp_path):
     root = tmp_path / "data"
     folder = D.synthetic_cifar(root, n_train=100, n_test=20)
@@ -219,6 +220,7 @@ class KillAfterStep(engine.Progress):
             raise SimulatedKill()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_the_older_format_resumes(tiny_cfg, tmp_path):
     """A run checkpointed by the older writer (magic line, SHA-256, payload) resumes, bit-identical
     to a run never interrupted, and its next checkpoint is of the plain format."""
@@ -271,6 +273,7 @@ def test_metrics_and_summary_are_strict_json_with_null_for_nan(tiny_cfg):
     assert dumps_json({"a": (float("nan"), 2)}) == '{"a": [null, 2]}'
 
 
+@pytest.mark.slow
 def test_report_reads_null_values_and_writes_strict_json(tiny_cfg, tmp_path):
     cfg = tiny_cfg(**{"train.epochs": 1})
     summary = engine.train(cfg)

@@ -753,6 +753,7 @@ CLIP_FOR = {"bn": "agc", "ghost_bn": "norm", "brn": "dynamic", "gn": "value", "l
             "ws_gn": "norm", "frn": "agc", "evonorm_s0": "dynamic", "none": "agc", "nf": "agc"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ALL)
 def test_every_scheme_trains_50_steps_with_clipping(kind):
     from normbench.clip import make_clipper

@@ -45,6 +45,7 @@ def test_packed_gradients_are_each_members_own_in_float64(tiny_cfg, kind):
             torch.testing.assert_close(grads[n].chunk(3, 0)[k].reshape(p.shape), p.grad, rtol=1e-9, atol=1e-12, msg=n)
 
 
+@pytest.mark.slow
 def test_three_seeds_packed_equal_three_alone(tiny_cfg, tmp_path):
     """End to end in float32, against the rounding floor of training alone.
 
@@ -97,6 +98,7 @@ def test_unpackable_cells_are_named(tiny_cfg):
     assert pack_key(tiny_cfg(seed=0)) != pack_key(tiny_cfg(seed=0, **{"train.batch_size": 10}))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_packed_members_and_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     """SIGTERM during packed training: every member checkpoints and is marked interrupted;
     training the pack again resumes and ends bit-identical to a pack never interrupted."""

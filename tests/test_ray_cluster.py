@@ -163,6 +163,7 @@ def token_cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sweep_trains_on_a_token_cluster_started_with_ray_start(tmp_path, synth_root, token_cluster):
     """The head node's HOME holds the token and RAY_AUTH_MODE is unset, as in a shell on the
     head after the README's commands: the sweep finds the token the way `ray` does."""
@@ -178,6 +179,7 @@ def test_sweep_trains_on_a_token_cluster_started_with_ray_start(tmp_path, synth_
     assert [s["status"] for s in summaries] == ["completed"], run.text()
 
 
+@pytest.mark.slow
 def test_a_machine_without_the_cluster_token_gets_one_line_naming_the_fix(tmp_path, synth_root, token_cluster):
     path, out = _sweep_file(tmp_path, synth_root, {"norm.kind": ["bn"]})
     home = tmp_path / "home"  # no ~/.ray/auth_token: another machine the token was not copied to
@@ -197,6 +199,7 @@ def test_a_machine_without_the_cluster_token_gets_one_line_naming_the_fix(tmp_pa
     assert not list(out.glob("*/summary.json"))
 
 
+@pytest.mark.slow
 def test_address_where_nothing_listens_fails_in_seconds_with_one_line(tmp_path, synth_root):
     port = _free_ports(1)[0]  # bound and closed again: nothing listens there
     path, _ = _sweep_file(tmp_path, synth_root, {"norm.kind": ["bn"]})
@@ -214,6 +217,7 @@ def test_address_where_nothing_listens_fails_in_seconds_with_one_line(tmp_path, 
     assert failed - start < 20 and ended - start < 40, run.text()
 
 
+@pytest.mark.slow
 def test_sigterm_while_connecting_stops_the_sweep_promptly(tmp_path, synth_root):
     port = _free_ports(1)[0]
     path, _ = _sweep_file(tmp_path, synth_root, {"norm.kind": ["bn"]})

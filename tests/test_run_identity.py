@@ -220,6 +220,7 @@ class ReleaseWhenWaiting(engine.Progress):
             self.holder.wait()
 
 
+@pytest.mark.slow
 def test_train_refuses_a_run_another_process_trains_and_waits_when_asked(tmp_path, synth_root):
     from normbench import sweep as sw
 

@@ -172,6 +172,7 @@ def _measured(**extra):
             "analysis.precise_bn": True, "analysis.precise_bn_images": 100, "analysis.precise_bn_batch": 50, **extra}
 
 
+@pytest.mark.slow
 def test_measurements_do_not_change_training(tiny_cfg, tmp_path):
     """Batch Renorm: its train-mode forward reads and moves the running statistics."""
     kind = "brn"
@@ -231,6 +232,7 @@ class InterruptAt(engine.Progress):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_fixed_probes_survive_an_interruption(tiny_cfg, tmp_path):
     extra = {**FIXED, "analysis.probes_per_run": 8, "train.log_every": 2, "norm.kind": "brn"}
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})
@@ -438,6 +440,7 @@ def test_measurements_of_an_unpacked_member_equal_those_of_the_same_weights_alon
         assert analysis.accuracy(member, data, norm, 20, True) == analysis.accuracy(alone, data, norm, 20, True)
 
 
+@pytest.mark.slow
 def test_packed_members_measure_like_runs_alone(tiny_cfg, tmp_path):
     """Each packed member is measured on its own model, unpacked from the packed network: its
     probes, dead units, precise BN and train-mode accuracy are exactly those of its weights in
@@ -475,6 +478,7 @@ def test_packed_members_measure_like_runs_alone(tiny_cfg, tmp_path):
         assert summary["test_acc_train_mode"] == analysis.accuracy(model, data, norm, 20, True)
 
 
+@pytest.mark.slow
 def test_a_packed_probe_reads_the_packed_weights_of_its_step(tiny_cfg, tmp_path):
     """Before a probe the packed network is unpacked into the members: the probe of step 3 is
     that of the packed weights after 3 packed steps, not of a member's stale own copy."""

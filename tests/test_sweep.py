@@ -148,6 +148,7 @@ def test_stale_lock_of_a_killed_process_is_free(tmp_path):
 # ----------------------------------------------------------------------------- real sweeps
 
 
+@pytest.mark.slow
 def test_sweep_two_workers_divergence_skip_and_report(tmp_path, synth_root):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "gn"], "train.batch_size": [10, 20]},
@@ -194,6 +195,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killed_sweep_restarts_without_retraining(tmp_path, synth_root):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "gn", "ln"]}, root=synth_root, out_dir=str(out),
@@ -235,6 +237,7 @@ def test_killed_sweep_restarts_without_retraining(tmp_path, synth_root):
         assert ma == mb, name
 
 
+@pytest.mark.slow
 def test_concurrent_sweeps_train_each_cell_once(tmp_path, synth_root):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "gn"], "seed": [0, 1]}, root=synth_root,
@@ -316,6 +319,7 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_ray_backend_on_a_real_cluster(tmp_path, synth_root, ray_cluster):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "gn"]}, root=synth_root, out_dir=str(out))
@@ -331,6 +335,7 @@ def test_ray_backend_on_a_real_cluster(tmp_path, synth_root, ray_cluster):
     assert all(attempts(out / n) == 1 for n in runs)
 
 
+@pytest.mark.slow
 def test_pack_trains_seeds_as_one_network_with_their_own_run_dirs(tmp_path, synth_root):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "brn"], "seed": [0, 1, 2]}, root=synth_root,
