@@ -46,3 +46,19 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, **kw) -> 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "normbench", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
+
+
+class SimulatedKill(BaseException):
+    """Raised from a progress callback: the process 'dies' mid-run, nothing is cleaned up."""
+
+
+def KillAfterStep(step: int):
+    """A progress object whose update raises :class:`SimulatedKill` once ``step`` is reached."""
+    from normbench import engine
+
+    class _KillAfterStep(engine.Progress):
+        def update(self, at, metrics):
+            if at >= step:
+                raise SimulatedKill()
+
+    return _KillAfterStep()

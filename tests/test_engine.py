@@ -10,20 +10,8 @@ from normbench import engine
 from normbench.config import load_config
 from normbench.tracking import RunDir
 
-from conftest import run_cli, tiny_overrides
+from conftest import KillAfterStep, SimulatedKill, run_cli, tiny_overrides
 
-
-class SimulatedKill(BaseException):
-    """Raised from a progress callback: the process 'dies' mid-epoch, nothing is cleaned up."""
-
-
-class KillAfterStep(engine.Progress):
-    def __init__(self, step):
-        self.step = step
-
-    def update(self, step, metrics):
-        if step >= self.step:
-            raise SimulatedKill()
 
 
 def weights(run_dir):

@@ -20,7 +20,7 @@ from normbench.cli import app
 from normbench.errors import UserError
 from normbench.tracking import CHECKPOINT_DIGEST_KEY, RunDir, dumps_json
 
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import KillAfterStep, REPO, SimulatedKill, run_cli, tiny_overrides
 
 
 def snapshot(folder: Path) -> dict:
@@ -206,18 +206,6 @@ def test_altered_checkpoint_content_is_never_used(tmp_path):
         with pytest.raises(UserError, match="checkpoint.pt is corrupt"):
             run.load_checkpoint()
 
-
-class SimulatedKill(BaseException):
-    """Raised from a progress callback: the process 'dies', nothing is cleaned up."""
-
-
-class KillAfterStep(engine.Progress):
-    def __init__(self, step):
-        self.step = step
-
-    def update(self, step, metrics):
-        if step >= self.step:
-            raise SimulatedKill()
 
 
 @pytest.mark.slow

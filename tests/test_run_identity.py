@@ -23,7 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import KillAfterStep, REPO, SimulatedKill, run_cli, tiny_overrides
 from normbench import engine
 from normbench.cli import app
 from normbench.config import load_config, parse_overrides
@@ -34,18 +34,6 @@ from normbench.tracking import RunDir
 
 runner = CliRunner()
 
-
-class SimulatedKill(BaseException):
-    """Raised from a progress callback: the process 'dies' mid-run, nothing is cleaned up."""
-
-
-class KillAfterStep(engine.Progress):
-    def __init__(self, step):
-        self.step = step
-
-    def update(self, step, metrics):
-        if step >= self.step:
-            raise SimulatedKill()
 
 
 @pytest.fixture(scope="module")
