@@ -155,7 +155,7 @@ def token_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             pass
         try:
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of that group is left (its session, nothing else)
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of that process group is left, nothing else
         except ProcessLookupError:
             pass
         head.wait()

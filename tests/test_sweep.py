@@ -313,7 +313,7 @@ def ray_cluster():
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the session we started for it, nothing else
+            os.killpg(head.pid, signal.SIGKILL)  # the process group started for it, nothing else
             head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
