@@ -144,6 +144,20 @@ class ProbeResult:
                             self.losses.max(), self.grad_dists.min()]).float()
 
 
+def _gradient_change(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                     theta0: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], t: float,
+                     g: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set ``params`` to theta0 - t * direction; return the loss there and ||grad there - g||_2
+    (global over all parameters; the parameters are left moved: the caller restores them)."""
+    with torch.no_grad():
+        for p, p0, di in zip(params, theta0, direction):
+            torch.add(p0, di, alpha=-t, out=p)
+    loss = loss_fn()
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    diffs = torch._foreach_sub([(gsi if gsi is not None else torch.zeros_like(gi)) for gsi, gi in zip(gs, g)], g)
+    return loss, _global_norm(diffs)
+
+
 def landscape_probe(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], lr: float,
                     multipliers: Iterable[float], grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
                     loss0: Optional[torch.Tensor] = None) -> ProbeResult:
@@ -178,13 +192,7 @@ def landscape_probe(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.
     try:
         for s in multipliers:
             t = float(lr) * float(s)
-            with torch.no_grad():
-                for p, p0, gi in zip(params, theta0, g):
-                    torch.add(p0, gi, alpha=-t, out=p)
-            loss = loss_fn()
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            diffs = torch._foreach_sub([(gsi if gsi is not None else torch.zeros_like(gi)) for gsi, gi in zip(gs, g)], g)
-            dist = _global_norm(diffs)
+            loss, dist = _gradient_change(loss_fn, params, theta0, g, t, g)
             step = g_norm * t
             losses.append(loss.detach().to(dtype).reshape(()))
             dists.append(dist)
@@ -322,14 +330,9 @@ def fixed_probe(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tens
         with torch.no_grad():
             d = [gi / g_norm.to(gi.dtype) for gi in g]  # nan when g = 0: the probe is then undefined
         for t in ts:
-            with torch.no_grad():
-                for p, p0, di in zip(params, theta0, d):
-                    torch.add(p0, di, alpha=-t, out=p)
-            loss = loss_fn()
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            diffs = torch._foreach_sub([(gsi if gsi is not None else torch.zeros_like(gi)) for gsi, gi in zip(gs, g)], g)
+            loss, dist = _gradient_change(loss_fn, params, theta0, d, t, g)
             losses.append(loss.detach().to(dtype).reshape(()))
-            dists.append(_global_norm(diffs))
+            dists.append(dist)
     finally:
         with torch.no_grad():
             for p, p0 in zip(params, theta0):

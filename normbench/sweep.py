@@ -1202,6 +1202,26 @@ def _worker_main(worker_id: int, task_q, result_q, threads: int, parent_pid: int
         os._exit(0)
 
 
+def install_interrupt_handler(handler) -> dict:
+    """Install ``handler`` for SIGINT and SIGTERM (main thread only); returns the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    return old
+
+
+def restore_signal_handlers(old: dict) -> None:
+    """Put back what :func:`install_interrupt_handler` replaced (a handler set outside Python,
+    reported as None, stays)."""
+    for s, h in old.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
 class LocalExecutor:
     """``workers`` spawned processes with ``threads`` torch threads each. Workers pull cells
     from one task queue; the parent keeps at most one queued cell per idle worker (so the
@@ -1346,30 +1366,17 @@ class LocalExecutor:
                 if p.is_alive():
                     p.terminate()
                     p.join(timeout=10)
-            self._restore_signal_handlers(old_handlers)
+            restore_signal_handlers(old_handlers)
         return [results[t["index"]] for t in tasks if t["index"] in results]
 
     def _install_signal_handlers(self) -> dict:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
         def handler(signum, frame):
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: leave now (workers get SIGTERM on the way out)
             self._signal = signum
             self.exit_code = 130 if signum == signal.SIGINT else 143
 
-        for s in old:
-            signal.signal(s, handler)
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old: dict) -> None:
-        for s, h in old.items():
-            signal.signal(s, h)
+        return install_interrupt_handler(handler)
 
 
 # ----------------------------------------------------------------------------- Ray executor
@@ -1537,7 +1544,7 @@ class RayExecutor:
             try:
                 ray.shutdown()
             finally:
-                self._restore_signal_handlers(old_handlers)
+                restore_signal_handlers(old_handlers)
 
     def _connect(self, ray) -> None:
         import logging
@@ -1572,25 +1579,11 @@ class RayExecutor:
                             f"{_first_line(err)}{hint}") from None
 
     def _install_signal_handlers(self) -> dict:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
         def handler(signum, frame):
             self.exit_code = 130 if signum == signal.SIGINT else 143
             raise KeyboardInterrupt
 
-        for s in old:
-            signal.signal(s, handler)
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old: dict) -> None:
-        for s, h in old.items():
-            if h is not None:
-                signal.signal(s, h)
+        return install_interrupt_handler(handler)
 
     def _submit(self, ray, tasks: list[dict]) -> list[dict]:
         remote = ray.remote(_ray_cell_task)

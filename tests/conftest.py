@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,19 @@ def KillAfterStep(step: int):
                 raise SimulatedKill()
 
     return _KillAfterStep()
+
+
+def SignalAtStep(step: int, signum: int = signal.SIGINT):
+    """A progress object that sends ``signum`` to this process once, when ``step`` is reached
+    (the engine then checkpoints and stops, as on a real Ctrl-C or SIGTERM)."""
+    from normbench import engine
+
+    class _SignalAtStep(engine.Progress):
+        sent = False
+
+        def update(self, at, metrics):
+            if at >= step and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signum)
+
+    return _SignalAtStep()

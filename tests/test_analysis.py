@@ -20,7 +20,7 @@ from normbench.norms import NormAct
 from normbench.norms.batch import BatchRenorm2d
 from normbench.tracking import RunDir
 
-from conftest import tiny_overrides
+from conftest import SignalAtStep, tiny_overrides
 
 
 # ----------------------------------------------------------------------------- the probe's maths
@@ -211,17 +211,6 @@ def test_probe_histograms_and_dead_units_do_not_change_training(tiny_cfg, tmp_pa
     assert [e.step for e in acc.Histograms("act/stem_norm_act/mean")] == list(range(0, 20, 3))
 
 
-class InterruptAt(engine.Progress):
-    """Sends SIGINT to this process once a step count is reached (the engine checkpoints mid-epoch)."""
-
-    def __init__(self, step):
-        self.step, self.sent = step, False
-
-    def update(self, step, metrics):
-        if step >= self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-
 
 @pytest.mark.slow
 def test_pending_probes_survive_an_interruption(tiny_cfg, tmp_path):
@@ -229,7 +218,7 @@ def test_pending_probes_survive_an_interruption(tiny_cfg, tmp_path):
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})
     broken = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), **extra})
     engine.train(straight)
-    first = engine.train(broken, progress=InterruptAt(14))
+    first = engine.train(broken, progress=SignalAtStep(14))
     assert first["status"] == "interrupted" and first["steps"] == 14
     pending = RunDir(broken.run_dir()).load_checkpoint()["analysis"]["pending_probes"]
     assert [s for s, _ in pending] == [10, 12]  # probed after the epoch-1 flush, not yet written

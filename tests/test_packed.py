@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import SignalAtStep
 from normbench import engine
 from normbench.models import build_model
 from normbench.packed import pack_key, pack_models, train_packed, unpack_state, why_not_packable
@@ -109,12 +110,7 @@ def test_sigterm_checkpoints_packed_members_and_resume_equals_uninterrupted(tiny
     cut = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "cut")}, **common) for s in range(2)]
     train_packed(whole)
 
-    class SignalAtStep(engine.Progress):
-        def update(self, step, metrics):
-            if step == 4:
-                signal.raise_signal(signal.SIGTERM)
-
-    first = train_packed(cut, progress=SignalAtStep())
+    first = train_packed(cut, progress=SignalAtStep(4, signal.SIGTERM))
     assert [s["status"] for s in first] == ["interrupted", "interrupted"]
     assert all(s["steps"] == 4 for s in first)
     assert all(RunDir(c.run_dir()).load_checkpoint() is not None for c in cut)

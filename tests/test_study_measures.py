@@ -19,6 +19,7 @@ from normbench.errors import UserError
 from normbench.norms.batch import BatchRenorm2d
 from normbench.packed import pack_key, pack_models, train_packed, unpack_state, why_not_packable
 from normbench.tracking import RunDir
+from conftest import SignalAtStep
 
 REPO = Path(__file__).resolve().parent.parent
 FIXED = {"analysis.probe_mode": "fixed"}
@@ -222,15 +223,6 @@ def test_fixed_probe_is_the_same_for_every_batch_size_and_lr(tiny_cfg, tmp_path)
         {k: v for k, v in pa[-1].items() if k.startswith("probe/")}
 
 
-class InterruptAt(engine.Progress):
-    def __init__(self, step):
-        self.step, self.sent = step, False
-
-    def update(self, step, metrics):
-        if step >= self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-
 
 @pytest.mark.slow
 def test_fixed_probes_survive_an_interruption(tiny_cfg, tmp_path):
@@ -238,7 +230,7 @@ def test_fixed_probes_survive_an_interruption(tiny_cfg, tmp_path):
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})
     broken = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), **extra})
     engine.train(straight)
-    first = engine.train(broken, progress=InterruptAt(12))
+    first = engine.train(broken, progress=SignalAtStep(12))
     assert first["status"] == "interrupted" and first["steps"] == 12
     ckpt = RunDir(broken.run_dir()).load_checkpoint()["analysis"]
     assert [s for s, _ in ckpt["pending_probes"]] == [11] and ckpt["last_probe_step"] == 11
