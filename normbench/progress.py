@@ -4,7 +4,14 @@ from __future__ import annotations
 import sys
 import time
 
-from normbench.engine import Progress
+
+class Progress:
+    """Callbacks a run reports its progress through; these defaults do nothing."""
+
+    def start(self, run_name: str, total_steps: int, done_steps: int, steps_per_epoch: int) -> None: ...
+    def update(self, step: int, metrics: dict) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self) -> None: ...
 
 
 class PlainProgress(Progress):

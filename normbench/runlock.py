@@ -55,7 +55,7 @@ class RunLock:
             except OSError:
                 os.close(fd)
                 return False
-            try:  # the holder we waited for may have removed the file (see engine.train)
+            try:  # the holder we waited for may have removed the file (see normbench.training.entry.train)
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench_breakdown.py [--schemes bn,gn,none] [--batch 128] [--steps 8]
 
-For each scheme, the engine's own step (Trainer.step, as scripts/bench_throughput.py times
+For each scheme, the engine's own step (SoloStepper.step, as scripts/bench_throughput.py times
 it) runs under torch.profiler; the table splits the step into the convolutions (forward
 and backward) and everything else (norms, ReLU backward, residual adds, optimizer). Two
 bounds follow, both against the same conv roof as bench_throughput.py (ResNet-20's 3x3

@@ -5,7 +5,7 @@
                                               [--seconds 1] [--json out.json]
 
 The measurement behind each scheme's ``compile_max_batch`` in normbench/norms/__init__.py
-(what ``train.compile: auto`` decides). For every cell, two engines (Trainer.step, as
+(what ``train.compile: auto`` decides). For every cell, two engines (SoloStepper.step, as
 scripts/bench_throughput.py times it) are built side by side, one with ``train.compile=none``
 and one with ``train.compile=default``; the compiled one is warmed up (compile time printed),
 then both are timed in ``--rounds`` interleaved rounds of one window each. Reported: median

@@ -28,8 +28,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from normbench.config import NormConfig  # noqa: E402
-from normbench.norms import get_scheme  # noqa: E402
-from normbench.norms.weight import ScaledWSConv2d, WSConv2d  # noqa: E402
+from normbench.norms import get_scheme, speed  # noqa: E402
+from normbench.norms.evonorm import evonorm_s0_reference  # noqa: E402
+from normbench.norms.filter_response import filter_response_norm_reference  # noqa: E402
+from normbench.norms.weight_standardization import ScaledWSConv2d, WSConv2d  # noqa: E402
 
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
 SCHEMES = ["bn", "ghost_bn", "brn", "gn", "ln", "in", "frn", "evonorm_s0", "none", "nf"]
@@ -47,7 +49,8 @@ def unit_for(kind: str, channels: int) -> nn.Module:
 
 
 class Naive(nn.Module):
-    """Plain-autograd FRN + TLU or EvoNorm-S0, for the record of what the custom Functions buy."""
+    """FRN + TLU or EvoNorm-S0 as their family's plain-PyTorch reference under autograd, for the
+    record of what the custom Functions (normbench.norms.speed) buy."""
 
     def __init__(self, kind: str, channels: int, groups: int = 8, eps: float = 1e-5):
         super().__init__()
@@ -57,15 +60,9 @@ class Naive(nn.Module):
         self.extra = nn.Parameter(torch.ones(channels) if kind == "evonorm_s0" else torch.zeros(channels))
 
     def forward(self, x):
-        w, b, e = (t.view(1, -1, 1, 1) for t in (self.weight, self.bias, self.extra))
         if self.kind == "frn":
-            y = x * torch.rsqrt(x.pow(2).mean((2, 3), keepdim=True) + 1e-6) * w + b
-            return torch.maximum(y, e)
-        bsz, c, h, wd = x.shape
-        std = (x.view(bsz, self.groups, -1).var(-1, unbiased=False, keepdim=True) + self.eps).sqrt()
-        std = std.expand(bsz, self.groups, c // self.groups * h * wd).reshape(x.shape)
-        return x * torch.sigmoid(x * e) / std * w + b
-
+            return filter_response_norm_reference(x, self.weight, self.bias, self.extra, 1e-6)
+        return evonorm_s0_reference(x, self.extra, self.weight, self.bias, self.groups, self.eps)
 
 COMPILED = ["ghost_bn", "brn", "frn", "evonorm_s0"]  # the units with hand-written maths
 
@@ -190,6 +187,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if not speed.load():  # build / load the fused kernels before anything is timed
+        print("fused kernels unavailable: timing the PyTorch paths", file=sys.stderr)
 
     columns, results = [], {}
     for batch in ([] if args.model_only else args.batches):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from normbench.config import load_config  # noqa: E402
 from normbench.models import build_model  # noqa: E402
-from normbench.packed import pack_models  # noqa: E402
+from normbench.training.packing import pack_models  # noqa: E402
 
 
 def best_ms(step, rounds: int, min_time: float) -> float:

@@ -11,7 +11,7 @@
     worker process only competes with the training threads); the same ResNet-20 with the
     same norm in the default memory format; SGD(momentum, weight decay) with its default
     implementation; ``loss.item()`` every step for a running loss.
-(b) "normbench": the engine's own step (Trainer.step: in-memory uint8 data, batched
+(b) "normbench": the engine's own step (SoloStepper.step: in-memory uint8 data, batched
     augmentation, channels_last where the scheme prefers it, fused SGD, clipping statistics,
     no host sync inside the step, one read per log interval).
 
@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from normbench.config import load_config  # noqa: E402
 from normbench.data import MEAN, STD, EpochPlan, load_cifar10  # noqa: E402
-from normbench.engine import Progress, Trainer  # noqa: E402
 from normbench.models import build_model  # noqa: E402
+from normbench.progress import Progress  # noqa: E402
 from normbench.tracking import RunDir  # noqa: E402
+from normbench.training.solo import solo_stepper  # noqa: E402
 
 GFLOP_PER_IMAGE_TRAIN = 0.242  # 40.55 M MACs forward x 2 FLOP x 3 (forward + backward)
 
@@ -133,23 +134,26 @@ def plain_loop(cfg, train_x, train_y):
 
 
 def engine_loop(cfg):
+    """normbench's own step (the training loop's SoloStepper.step and Run.flush), without the
+    loop's checkpoints and evaluations; returns (step function, the run)."""
     run_dir = RunDir(Path("/tmp/normbench-bench") / cfg.run_dir().name)
     run_dir.create()
-    trainer = Trainer(cfg, run_dir, Progress())
+    stepper = solo_stepper(cfg, run_dir, Progress())
+    run = stepper.run
+    run.tb = type("NoTB", (), {"scalars": lambda *a, **k: None})()
     state = {"plan": None, "i": 0, "epoch": 0}
-    tb = type("NoTB", (), {"scalars": lambda *a, **k: None})()
 
     def step():
         if state["plan"] is None or state["i"] >= state["plan"].steps:
-            state["plan"] = EpochPlan(len(trainer.data.train_y), cfg.train.batch_size, cfg.seed, state["epoch"],
-                                      True, trainer.device)
+            state["plan"] = EpochPlan(len(run.data.train_y), cfg.train.batch_size, cfg.seed, state["epoch"],
+                                      True, run.device)
             state["i"], state["epoch"] = 0, state["epoch"] + 1
-        trainer.step(state["plan"], state["i"])
+        stepper.step([state["plan"]], state["i"])
         state["i"] += 1
-        if len(trainer._buffers["loss"]) >= cfg.train.log_every:
-            trainer.flush(tb, 0.0)
+        if len(run.metrics) >= cfg.train.log_every:
+            run.flush()
 
-    return step, trainer
+    return step, run
 
 
 def with_env(key: str, value: str, make):

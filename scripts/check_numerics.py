@@ -11,6 +11,16 @@ CIFAR data made once by ``normbench.data.synthetic_cifar`` (or ``--data-root``).
 paths the study takes: fused kernels on, ``train.channels_last: auto``, FlatSGD, ``clip.mode:
 agc`` for ``none``, and one extra case trains two seeds of a packable scheme as one packed
 network (``normbench sweep --pack 2``). ``syncbn`` outside torchrun trains as plain BN.
+``--compile default`` trains every case under ``torch.compile`` (``train.compile: auto`` would
+compile none of these short runs), where the layers take their PyTorch paths, fused by inductor:
+
+    python scripts/check_numerics.py --against COMMIT --compile default \
+        --schemes bn,ghost_bn,brn,gn,ln,in,ws_gn,frn,nf,none
+
+``--no-native`` runs both trees with ``NORMBENCH_NATIVE=0`` (the layers' PyTorch paths); ``--set
+KEY=VALUE`` adds a config override to every case (``norm.ghost_batch_size=3``: Ghost BN in
+several chunks at this batch of 8, the chunked path that ghost_bn's default size of 16 leaves
+out here).
 
 After each run a second subprocess in the same tree reads the run's ``checkpoint.pt`` into plain
 tensors. A case is identical when every model tensor is ``torch.equal`` (and the optimizer
@@ -39,7 +49,12 @@ EPOCHS = 2  # an evaluation and the LR schedule's turn inside the run
 # summary keys that are not results (timing, provenance, paths)
 SUMMARY_SKIP = {"wall_time_s", "images_per_s", "git_commit", "run_dir", "torch_version", "summary_version",
                 "run_id", "config"}
-PACK_SCHEME = "gn"  # packable (normbench.packed.why_not_packable) and uses the fused kernels
+# train.compile's values (normbench.config); auto compiles only runs of at least
+# normbench's AUTO_COMPILE_MIN_STEPS steps, far more than this check trains, so a compiled
+# check forces a mode
+COMPILE_MODES = ["none", "auto", "default", "reduce-overhead", "max-autotune"]
+AUTO_COMPILE_MIN_STEPS = 10_000
+PACK_SCHEME = "gn"  # packable (normbench.training.packing.why_not_packable) and uses the fused kernels
 
 # Run in a subprocess inside each tree: checkpoint.pt -> a file of plain tensors.
 EXTRACT = r"""
@@ -71,10 +86,12 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def tree_env(tree: Path, threads: int) -> dict:
+def tree_env(tree: Path, threads: int, native: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("NORMBENCH_NATIVE", "NORMBENCH_FLAT_SGD")}
     env.update(PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONHASHSEED="0")
+    if not native:
+        env["NORMBENCH_NATIVE"] = "0"
     return env
 
 
@@ -86,6 +103,9 @@ def case_sets(scheme: str, args, data_root: Path, out: Path) -> list[str]:
             "train.channels_last": "auto", "train.compile": args.compile, "optim.warmup_epochs": 0.5}
     if scheme == "none":
         sets["clip.mode"] = "agc"
+    for extra in args.set:  # --set: the same overrides in every case of both trees
+        key, _, value = extra.partition("=")
+        sets[key] = value
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -94,7 +114,7 @@ def run_case(tree: Path, case: str, args, data_root: Path, work: Path) -> tuple[
     out = work / "runs"
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    env = tree_env(tree, args.threads)
+    env = tree_env(tree, args.threads, native=not args.no_native)
     t0 = time.perf_counter()
     if case.endswith("+pack2"):
         scheme = case.split("+")[0]
@@ -188,8 +208,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200, help="training steps per run (batch 8, 2 epochs)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every run")
     ap.add_argument("--width", type=float, default=0.5, help="model.width")
-    ap.add_argument("--compile", default="none", choices=["none", "auto"], help="train.compile")
+    ap.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                    help="train.compile (none: eager; auto: as a run would, which compiles only runs of "
+                         f">= {AUTO_COMPILE_MIN_STEPS:,} steps; default / reduce-overhead / max-autotune: "
+                         "compile every run, to check compiled training)")
     ap.add_argument("--no-pack", action="store_true", help="skip the packed two-seed case")
+    ap.add_argument("--no-native", action="store_true",
+                    help="NORMBENCH_NATIVE=0 in both trees: the layers' PyTorch paths instead of the fused kernels")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every case (repeatable), e.g. norm.ghost_batch_size=3 to train "
+                         "Ghost BN in several chunks at this batch of 8")
     ap.add_argument("--data-root", type=Path, default=None,
                     help="CIFAR-10 folder to train on (default: synthetic data made for this check)")
     ap.add_argument("--tree", type=Path, default=REPO, help="the tree under test (default: this checkout)")
@@ -237,6 +265,7 @@ def main() -> int:
         print(f"this tree {tree} (HEAD {here}{', uncommitted changes' if dirty else ''}) vs {commit[:10]}; "
               f"{args.steps} steps requested -> {steps_per_epoch * EPOCHS} steps ({EPOCHS} epochs x {steps_per_epoch}),"
               f" batch {BATCH}, width {args.width}, {args.threads} thread(s), compile {args.compile}, "
+              f"fused kernels {'off' if args.no_native else 'on'}{''.join(f', {s}' for s in args.set)}, "
               f"data {'synthetic' if args.data_root is None else data_root}", flush=True)
         if "syncbn" in cases:
             print("note: syncbn outside torchrun trains as plain BN (its collectives are not exercised here)",

@@ -28,11 +28,12 @@ DISTANCES = [1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
 
 
 def main() -> None:
-    from normbench import engine
-    from normbench.analysis import probe_batch, probe_model_fixed
+    from normbench.analysis.probes import probe_batch, probe_model_fixed
     from normbench.config import load_config
     from normbench.data import EpochPlan
+    from normbench.progress import Progress
     from normbench.tracking import RunDir
+    from normbench.training.solo import solo_stepper
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--norm", default="bn")
@@ -46,7 +47,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="probe-distances-")
     cfg = load_config(None, [f"norm.kind={args.norm}", f"train.batch_size={args.batch}", "train.epochs=1",
                              "train.compile=none", f"log.out_dir={out}", "log.tensorboard=false", *args.set])
-    trainer = engine.Trainer(cfg, RunDir(cfg.run_dir()), engine.Progress())
+    stepper = solo_stepper(cfg, RunDir(cfg.run_dir()), Progress())
+    trainer = stepper.run
     if stops[-1] >= trainer.steps_per_epoch:
         raise SystemExit(f"--steps: the first epoch has {trainer.steps_per_epoch} steps")
     x, y = probe_batch(trainer.data, trainer.normalize, args.images)
@@ -68,7 +70,7 @@ def main() -> None:
                 row["dg_over_t_float64"] = {f"{t:g}": v / t for t, v in zip(DISTANCES, wide.grad_dists.tolist())}
             print(json.dumps(row), flush=True)
         if i < stops[-1]:
-            trainer.step(plan, i)
+            stepper.step([plan], i)
 
 
 if __name__ == "__main__":

@@ -75,15 +75,15 @@ def probe_seconds(cfg_dict: dict, repeats: int = 2) -> float:
     """Wall time of one fixed-mode probe of this cell's model at its initial weights."""
     import torch
 
-    from normbench.analysis import probe_batch, probe_model_fixed
+    from normbench.analysis.probes import probe_batch, probe_model_fixed
     from normbench.config import RunConfig
     from normbench.data import Normalizer, load_cifar10
-    from normbench.engine import use_channels_last
+    from normbench.device import prepare_kernels, use_channels_last
     from normbench.models import build_model
 
     cfg = RunConfig.model_validate(cfg_dict)
     device = torch.device("cpu")
-    channels_last = use_channels_last(cfg, device)
+    channels_last = use_channels_last(cfg, device, prepare_kernels(device))
     model = build_model(cfg).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     data = load_cifar10(cfg.data, log=lambda m: None)
     x, y = probe_batch(data, Normalizer(device, channels_last), cfg.analysis.probe_images)

@@ -55,9 +55,9 @@ class SimulatedKill(BaseException):
 
 def KillAfterStep(step: int):
     """A progress object whose update raises :class:`SimulatedKill` once ``step`` is reached."""
-    from normbench import engine
+    from normbench.progress import Progress
 
-    class _KillAfterStep(engine.Progress):
+    class _KillAfterStep(Progress):
         def update(self, at, metrics):
             if at >= step:
                 raise SimulatedKill()
@@ -68,9 +68,9 @@ def KillAfterStep(step: int):
 def SignalAtStep(step: int, signum: int = signal.SIGINT):
     """A progress object that sends ``signum`` to this process once, when ``step`` is reached
     (the engine then checkpoints and stops, as on a real Ctrl-C or SIGTERM)."""
-    from normbench import engine
+    from normbench.progress import Progress
 
-    class _SignalAtStep(engine.Progress):
+    class _SignalAtStep(Progress):
         sent = False
 
         def update(self, at, metrics):

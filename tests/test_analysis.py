@@ -11,13 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import analysis, engine
-from normbench.analysis import (activation_layers, dead_units, landscape_probe, make_analysis, precise_bn,
-                                probe_model, snapshot_buffers)
+from normbench.analysis.activations import activation_layers, dead_units
+from normbench.analysis.batch_stats import accuracy, precise_bn, train_eval_gap
+from normbench.analysis.common import unwrap
+from normbench.analysis.hooks import make_analysis
+from normbench.analysis.probes import landscape_probe, probe_model, snapshot_buffers
+from normbench.evaluation import evaluate
+from normbench.training import entry
 from normbench.config import load_config
 from normbench.errors import UserError
 from normbench.norms import NormAct
-from normbench.norms.batch import BatchRenorm2d
+from normbench.norms.batch_renorm import BatchRenorm2d
 from normbench.tracking import RunDir
 
 from conftest import SignalAtStep, tiny_overrides
@@ -128,18 +132,20 @@ def test_probe_of_batch_renorm_uses_the_statistics_its_gradient_saw():
 
 
 @pytest.mark.slow
-def test_engine_hands_the_probe_the_buffers_from_before_the_step(tiny_cfg, monkeypatch):
+def test_training_hands_the_probe_the_buffers_from_before_the_step(tiny_cfg, monkeypatch):
+    from normbench.analysis import hooks
+
     seen = []
-    real = analysis.probe_model
+    real = hooks.probe_model
 
     def spy(model, *args, buffers=None, **kw):
-        now = [b.detach().clone() for b in analysis.unwrap(model).buffers()]
+        now = [b.detach().clone() for b in unwrap(model).buffers()]
         seen.append((buffers, now))
         return real(model, *args, buffers=buffers, **kw)
 
-    monkeypatch.setattr(analysis, "probe_model", spy)
+    monkeypatch.setattr(hooks, "probe_model", spy)
     cfg = tiny_cfg(**{"norm.kind": "brn", "analysis.probe_every": 4, "train.epochs": 1})
-    engine.train(cfg)
+    entry.train(cfg)
     assert len(seen) == 3  # steps 0, 4, 8 of 10
     for buffers, now in seen:
         assert buffers is not None and len(buffers) == len(now)
@@ -182,7 +188,7 @@ def test_probe_histograms_and_dead_units_do_not_change_training(tiny_cfg, tmp_pa
     on = tiny_cfg(**{"log.out_dir": str(tmp_path / "on"), "analysis.probe_every": 2, "analysis.hist_every": 3,
                      "analysis.dead_units": True, "analysis.dead_units_images": 40})
     off = tiny_cfg(**{"log.out_dir": str(tmp_path / "off"), "analysis.train_mode_eval": False})
-    s_on, s_off = engine.train(on), engine.train(off)
+    s_on, s_off = entry.train(on), entry.train(off)
     w_on, w_off = _weights(on), _weights(off)
     assert w_on.keys() == w_off.keys()
     for k in w_on:  # parameters and every buffer (running stats, num_batches_tracked)
@@ -217,12 +223,12 @@ def test_pending_probes_survive_an_interruption(tiny_cfg, tmp_path):
     extra = {"analysis.probe_every": 2, "train.log_every": 2}
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})
     broken = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), **extra})
-    engine.train(straight)
-    first = engine.train(broken, progress=SignalAtStep(14))
+    entry.train(straight)
+    first = entry.train(broken, progress=SignalAtStep(14))
     assert first["status"] == "interrupted" and first["steps"] == 14
     pending = RunDir(broken.run_dir()).load_checkpoint()["analysis"]["pending_probes"]
     assert [s for s, _ in pending] == [10, 12]  # probed after the epoch-1 flush, not yet written
-    assert engine.train(broken)["status"] == "completed"
+    assert entry.train(broken)["status"] == "completed"
 
     def records(cfg):
         return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in RunDir(cfg.run_dir()).read_metrics()]
@@ -239,7 +245,7 @@ def bn_b2_run(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bn-b2")
     cfg = load_config(None, tiny_overrides(synth_root, out, **{"train.batch_size": 2, "train.epochs": 1,
                                                                 "analysis.probe_every": 10, "optim.lr": 0.05}))
-    summary = engine.train(cfg)
+    summary = entry.train(cfg)
     assert summary["status"] == "completed"
     return cfg, summary
 
@@ -259,13 +265,13 @@ def test_train_eval_gap_zero_for_group_norm(tiny_cfg):
     torch.manual_seed(0)
     model = build_model(cfg)
     data = load_cifar10(cfg.data, log=lambda m: None)
-    result = analysis.train_eval_gap(model, data, Normalizer(torch.device("cpu"), False), 2, 50)
+    result = train_eval_gap(model, data, Normalizer(torch.device("cpu"), False), 2, 50)
     assert result["train_eval_gap"] == 0.0 and result["test_acc_eval_mode"] == result["test_acc_train_mode"]
 
 
 def test_train_mode_evaluation_touches_no_running_statistics(tiny_cfg):
-    """engine.evaluate(train_mode=True) restores running mean/var (it lets
-    num_batches_tracked advance); analysis.accuracy runs it on a copy: nothing changes."""
+    """evaluate(train_mode=True) restores running mean/var (it lets
+    num_batches_tracked advance); analysis accuracy() runs it on a copy: nothing changes."""
     from normbench.data import Normalizer, load_cifar10
     from normbench.models import build_model
 
@@ -274,12 +280,12 @@ def test_train_mode_evaluation_touches_no_running_statistics(tiny_cfg):
     data = load_cifar10(cfg.data, log=lambda m: None)
     norm = Normalizer(torch.device("cpu"), False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine.evaluate(model, data, norm, 4, train_mode=True)
+    evaluate(model, data, norm, 4, train_mode=True)
     for k, v in model.state_dict().items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(v, before[k]), k
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    analysis.accuracy(model, data, norm, 4, train_mode=True)
+    accuracy(model, data, norm, 4, train_mode=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -338,7 +344,7 @@ def test_dead_units_on_a_hand_built_network():
 
 
 def test_dead_units_floor_detection():
-    from normbench.analysis import activation_floor
+    from normbench.analysis.activations import activation_floor
 
     assert activation_floor(nn.ReLU()) == 0.0
     assert activation_floor(nn.GELU()) is None
@@ -379,7 +385,7 @@ def test_dead_units_see_the_tlu_floors_of_an_frn_network():
 def test_analyze_command_updates_the_summary(bn_b2_run, tmp_path):
     from typer.testing import CliRunner
 
-    from normbench.cli import app
+    from normbench.cli.main import app
 
     cfg, trained = bn_b2_run
     run = cfg.run_dir()
@@ -399,7 +405,8 @@ def test_analyze_command_updates_the_summary(bn_b2_run, tmp_path):
 
 
 def test_report_columns_and_plots(bn_b2_run, tmp_path):
-    from normbench.report_analysis import plots, summary_columns
+    from normbench.report.analysis_plots import plots
+    from normbench.report.summary_keys import summary_columns
     from normbench.tracking import read_summary
 
     keys = [k for k, _ in summary_columns()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from normbench.cli import app
+from normbench.cli.main import app
 
 runner = CliRunner()
 
@@ -252,40 +252,43 @@ def test_train_help_documents_repeated_config():
 def test_largest_seed_and_batch_are_accepted_and_usable(tiny_cfg):
     import torch
 
-    from normbench import engine
+    from normbench.device import preflight
+    from normbench.training import entry
     from normbench.config import load_config
 
     cfg = load_config(None, [f"seed={2**64 - 1}", "train.batch_size=50000", "optim.lr=1"])
     assert cfg.seed == 2**64 - 1 and cfg.train.batch_size == 50000 and cfg.optim.lr == 1.0
     torch.manual_seed(cfg.seed)  # the bound is what torch accepts
-    engine.dry_run(tiny_cfg(seed=2**64 - 1))
+    entry.dry_run(tiny_cfg(seed=2**64 - 1))
 
 
 def test_preflight_names_the_batch_size_when_memory_runs_out(tiny_cfg):
     import torch
 
-    from normbench import engine
+    from normbench.device import preflight
+    from normbench.training import entry
     from normbench.errors import UserError
     from normbench.models import build_model
 
     cfg = tiny_cfg()
     huge = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 10**12})})  # unvalidated
     with pytest.raises(UserError, match=r"^train\.batch_size: got 1000000000000; one forward pass .* does not fit"):
-        engine.preflight(huge, build_model(cfg), torch.device("cpu"))
+        preflight(huge, build_model(cfg), torch.device("cpu"))
 
 
 def test_only_the_memory_error_becomes_a_batch_size_message(tiny_cfg):
     import torch
     from torch import nn
 
-    from normbench import engine
+    from normbench.device import preflight
+    from normbench.training import entry
 
     class Broken(nn.Module):
         def forward(self, x):
             raise RuntimeError("shape mismatch in a layer")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        engine.preflight(tiny_cfg(), Broken(), torch.device("cpu"))
+        preflight(tiny_cfg(), Broken(), torch.device("cpu"))
 
 
 def test_check_folder_creatable_creates_nothing(tmp_path):
@@ -312,7 +315,7 @@ def test_bn_on_one_value_per_channel_names_the_layer():
     import torch
 
     from normbench.errors import UserError
-    from normbench.norms.batch import BatchNorm2d
+    from normbench.norms.batch_norm import BatchNorm2d
 
     layer = BatchNorm2d(4, layer="stage3.block2.norm2")
     with pytest.raises(UserError, match="stage3.block2.norm2 sees one value per channel"):

@@ -28,8 +28,8 @@ def free_port() -> int:
 
 
 def make_net(sync: bool) -> nn.Module:
-    from normbench.norms.batch import BatchNorm2d
-    from normbench.norms.sync import SyncBatchNorm2d
+    from normbench.norms.batch_norm import BatchNorm2d
+    from normbench.norms.sync_batch_norm import SyncBatchNorm2d
 
     torch.manual_seed(0)
     norm = SyncBatchNorm2d(4, layer="t") if sync else BatchNorm2d(4, layer="t")
@@ -116,11 +116,11 @@ def test_ddp_train_equals_single_process_over_the_same_global_batches(synth_root
     common = {"norm.kind": "gn", "norm.groups": 2, "train.epochs": 2, "name": "ddp"}
     proc = torchrun(sets(synth_root, tmp_path / "ddp", **common, **{"train.batch_size": 10}), tmp_path / "log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
-    from normbench import engine
+    from normbench.training import entry
     from normbench.config import load_config
 
     single = load_config(None, tiny_overrides(synth_root, tmp_path / "single", **common, **{"train.batch_size": 20}))
-    engine.train(single)
+    entry.train(single)
     (ddp_dir,) = (tmp_path / "ddp").iterdir()
     summary = json.loads((ddp_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["global_batch"] == 20
@@ -133,7 +133,7 @@ def test_ddp_train_equals_single_process_over_the_same_global_batches(synth_root
     # weights by orders of magnitude more after 20 steps.
     again = load_config(None, tiny_overrides(synth_root, tmp_path / "again", **common,
                                              **{"train.batch_size": 20, "threads": 2}))
-    engine.train(again)
+    entry.train(again)
     a, b = RunDir(ddp_dir).load_checkpoint()["model"], RunDir(single.run_dir()).load_checkpoint()["model"]
     c = RunDir(again.run_dir()).load_checkpoint()["model"]
     for k in a:
@@ -186,7 +186,7 @@ def test_syncbn_run_measures_after_training_without_collectives(synth_root, tmp_
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("dead/all" in r for r in records) == 2  # one per epoch
     # the same measurement in one process from the final checkpoint (syncbn alone is BatchNorm)
-    from normbench.analysis import analyze_run
+    from normbench.analysis.offline import analyze_run
 
     again = analyze_run(run, log=lambda *_: None)
     assert again["test_acc_train_mode"] == summary["test_acc_train_mode"]

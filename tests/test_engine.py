@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from normbench import engine
+from normbench.device import use_channels_last
+from normbench.training import entry
+from normbench.training import optim
 from normbench.config import load_config
 from normbench.tracking import RunDir
 
@@ -26,12 +28,12 @@ def comparable_metrics(run_dir):
 def test_resume_after_kill_is_identical_to_uninterrupted(tiny_cfg, tmp_path):
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), "train.epochs": 3})
     killed = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), "train.epochs": 3})
-    s1 = engine.train(straight)
+    s1 = entry.train(straight)
     assert s1["status"] == "completed" and s1["steps"] == 30
     with pytest.raises(SimulatedKill):
-        engine.train(killed, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
+        entry.train(killed, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
     assert RunDir(killed.run_dir()).load_checkpoint()["state"]["step"] == 10
-    s2 = engine.train(killed)
+    s2 = entry.train(killed)
     assert s2["status"] == "completed" and s2["steps"] == 30
     w1, w2 = weights(straight.run_dir()), weights(killed.run_dir())
     assert w1.keys() == w2.keys()
@@ -48,12 +50,12 @@ def test_periodic_mid_epoch_checkpoint_resumes_identically(tiny_cfg, tmp_path):
     common = {"train.epochs": 3, "train.log_every": 2, "log.checkpoint_every_s": 1e-6}
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **common})
     killed = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), **common})
-    engine.train(straight)
+    entry.train(straight)
     with pytest.raises(SimulatedKill):
-        engine.train(killed, progress=KillAfterStep(15))
+        entry.train(killed, progress=KillAfterStep(15))
     saved_at = RunDir(killed.run_dir()).load_checkpoint()["state"]["step"]
     assert 10 < saved_at < 20 and saved_at % 2 == 0  # inside epoch 2, at a log flush
-    s2 = engine.train(killed)
+    s2 = entry.train(killed)
     assert s2["status"] == "completed" and s2["steps"] == 30
     w1, w2 = weights(straight.run_dir()), weights(killed.run_dir())
     for k in w1:
@@ -63,17 +65,17 @@ def test_periodic_mid_epoch_checkpoint_resumes_identically(tiny_cfg, tmp_path):
 
 def test_completed_run_is_not_trained_again(tiny_cfg):
     cfg = tiny_cfg(**{"train.epochs": 1})
-    first = engine.train(cfg)
-    again = engine.train(cfg)
+    first = entry.train(cfg)
+    again = entry.train(cfg)
     assert again.get("skipped") and again["final_test_acc"] == first["final_test_acc"]
-    fresh = engine.train(cfg, fresh=True)
+    fresh = entry.train(cfg, fresh=True)
     assert not fresh.get("skipped") and fresh["final_test_acc"] == first["final_test_acc"]
 
 
 def test_lr_schedule_scales_warms_up_and_decays():
     cfg = load_config(None, ["train.batch_size=32", "optim.lr=0.1", "optim.warmup_epochs=1"])
     peak = 0.1 * 32 / 128
-    lrs = [engine.lr_at(cfg, s, total_steps=100, steps_per_epoch=10) for s in range(100)]
+    lrs = [optim.lr_at(cfg, s, total_steps=100, steps_per_epoch=10) for s in range(100)]
     assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
     assert max(lrs) == pytest.approx(peak) and lrs[-1] < peak * 0.01
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -83,7 +85,7 @@ def test_no_decay_norm_bias_groups():
     from normbench.models import build_model
 
     cfg = load_config(None, ["optim.no_decay_norm_bias=true"])
-    opt = engine.build_optimizer(cfg, build_model(cfg))
+    opt = optim.build_optimizer(cfg, build_model(cfg))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
@@ -127,7 +129,7 @@ def test_absurd_lr_diverges_with_exit_1(synth_root, tmp_path):
 
 
 def test_bf16_autocast_trains_with_fp32_norm_statistics(tiny_cfg):
-    summary = engine.train(tiny_cfg(**{"train.amp": "bf16", "train.epochs": 1}))
+    summary = entry.train(tiny_cfg(**{"train.amp": "bf16", "train.epochs": 1}))
     assert summary["status"] == "completed"
     from normbench.models import build_model
 
@@ -147,29 +149,40 @@ def test_auto_compile_only_where_measured_to_pay():
 
     def mode(kind: str, batch: int, steps: int = 50_000, *extra: str):
         cfg = load_config(None, [f"norm.kind={kind}", f"train.batch_size={batch}", *extra])
-        return engine.compile_mode(cfg, cpu, total_steps=steps)
+        return optim.compile_mode(cfg, cpu, total_steps=steps)
 
     compiled_up_to = {"bn": 8, "ghost_bn": 32, "brn": 2, "gn": 2, "ln": 2, "in": 32, "ws_gn": 8, "frn": 32,
                       "evonorm_s0": 0, "nf": 2, "none": 32}
     for kind, largest in compiled_up_to.items():
         for batch in (2, 8, 32, 128):
             assert mode(kind, batch) == ("default" if batch <= largest else None), (kind, batch)
-    assert mode("bn", 2, engine.AUTO_COMPILE_MIN_STEPS - 1) is None  # too short to amortise
-    assert mode("bn", 2, engine.AUTO_COMPILE_MIN_STEPS) == "default"
+    assert mode("bn", 2, optim.AUTO_COMPILE_MIN_STEPS - 1) is None  # too short to amortise
+    assert mode("bn", 2, optim.AUTO_COMPILE_MIN_STEPS) == "default"
     assert mode("frn", 2, 50_000, "train.compile=none") is None
     assert mode("bn", 128, 50_000, "train.compile=default") == "default"
 
 
-def test_channels_last_for_the_groupnorm_family_only_with_the_fused_kernels(monkeypatch):
+def test_channels_last_for_the_groupnorm_family_only_with_the_fused_kernels():
     """Every scheme trains channels_last on CPU with the fused kernels; without them (no C++
     compiler) GN/LN/IN/WS+GN/Batch Renorm fall back to NCHW, where PyTorch's kernels are fast."""
-    from normbench.norms import native
-
     cpu = torch.device("cpu")
     gn, bn = load_config(None, ["norm.kind=gn"]), load_config(None, ["norm.kind=bn"])
-    if native.library() is not None:
-        assert engine.use_channels_last(gn, cpu) and engine.use_channels_last(bn, cpu)
-    monkeypatch.setattr(native, "library", lambda: None)
-    assert not engine.use_channels_last(gn, cpu)
-    assert engine.use_channels_last(bn, cpu)
-    assert engine.use_channels_last(load_config(None, ["norm.kind=gn", "train.channels_last=true"]), cpu)
+    assert use_channels_last(gn, cpu, kernels=True) and use_channels_last(bn, cpu, kernels=True)
+    assert not use_channels_last(gn, cpu, kernels=False)
+    assert use_channels_last(bn, cpu, kernels=False)
+    assert use_channels_last(load_config(None, ["norm.kind=gn", "train.channels_last=true"]), cpu, kernels=False)
+
+
+def test_a_model_is_built_after_the_kernels_are_prepared():
+    """build_model_on loads the fused kernels before it chooses the memory format (an explicit
+    step), so a GN model on a CPU with a compiler is channels_last."""
+    from normbench.device import build_model_on
+    from normbench.norms import speed
+
+    placed = build_model_on(load_config(None, ["norm.kind=gn", "model.width=0.5"]), torch.device("cpu"))
+    assert speed.kernels_available() == speed.load()
+    assert placed.channels_last == speed.load()
+    conv = next(m for m in placed.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=placed.memory_format)
+
+

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from normbench import engine
+from normbench.progress import Progress
+from normbench.training import entry
 from normbench.errors import UserError
 from normbench.tracking import RunDir
 
@@ -203,29 +204,34 @@ def test_only_safe_loaders_are_used():
 
 
 def test_nan_gradient_is_diverged_with_the_step(tiny_cfg, monkeypatch):
-    original = engine.Trainer.train_step
+    from normbench.training.solo import SoloStepper
+
+    original = SoloStepper.train_step
 
     def poisoned(self, x, y):
         original(self, x, y)
-        if self.state.step == 6:  # the 7th step's gradient norm is NaN
-            self._buffers["norm"][-1] = torch.tensor(float("nan"))
+        if self.run.state.step == 6:  # the 7th step's gradient norm is NaN
+            self.run.metrics.pending["norm"][-1] = torch.tensor(float("nan"))
 
-    monkeypatch.setattr(engine.Trainer, "train_step", poisoned)
-    summary = engine.train(tiny_cfg())
+    monkeypatch.setattr(SoloStepper, "train_step", poisoned)
+    summary = entry.train(tiny_cfg())
     assert summary["status"] == "diverged" and summary["diverged_step"] == 6
 
 
 def test_nonfinite_running_variance_is_caught_before_evaluation(tiny_cfg, monkeypatch):
-    original = engine.Trainer.flush
+    from normbench.training import solo
+    from normbench.training.run import Run
+
+    original = Run.flush
     evaluated = []
 
-    def poison(self, tb, epoch_float):
+    def poison(self):
         self.model.stem_norm_act.norm.running_var[0] = float("inf")
-        return original(self, tb, epoch_float)
+        return original(self)
 
-    monkeypatch.setattr(engine.Trainer, "flush", poison)
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: evaluated.append(1) or {"loss": 0.0, "acc": 0.0})
-    summary = engine.train(tiny_cfg())
+    monkeypatch.setattr(Run, "flush", poison)
+    monkeypatch.setattr(solo, "evaluate", lambda *a, **k: evaluated.append(1) or {"loss": 0.0, "acc": 0.0})
+    summary = entry.train(tiny_cfg())
     assert summary["status"] == "diverged" and "running_var" in summary["note"] and not evaluated
 
 
@@ -240,7 +246,7 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-class FillDiskAfter(engine.Progress):
+class FillDiskAfter(Progress):
     """After ``step`` steps, fill the file system holding ``folder`` completely."""
 
     def __init__(self, folder: Path, step: int):
@@ -261,12 +267,12 @@ class FillDiskAfter(engine.Progress):
 def test_disk_full_names_the_folder_and_keeps_the_last_checkpoint(tiny_cfg, small_fs):
     cfg = tiny_cfg(**{"log.out_dir": str(small_fs / "runs"), "log.tensorboard": False, "train.epochs": 3})
     with pytest.raises(UserError) as err:
-        engine.train(cfg, progress=FillDiskAfter(small_fs, step=13))  # epoch 1's checkpoint is on disk
+        entry.train(cfg, progress=FillDiskAfter(small_fs, step=13))  # epoch 1's checkpoint is on disk
     assert str(cfg.run_dir()) in str(err.value) and "No space left" in str(err.value)
     ckpt = RunDir(cfg.run_dir()).load_checkpoint()
     assert ckpt["state"]["step"] == 10
     (small_fs / "filler").unlink()
-    assert engine.train(cfg)["status"] == "completed"
+    assert entry.train(cfg)["status"] == "completed"
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from normbench import data as D
-from normbench import engine
-from normbench.cli import app
+from normbench.training import entry
+from normbench.cli.main import app
 from normbench.errors import UserError
 from normbench.tracking import CHECKPOINT_DIGEST_KEY, RunDir, dumps_json
 
@@ -110,7 +110,7 @@ def test_mirror_fills_only_an_absent_or_empty_folder_and_never_leaves_half_of_it
     before = snapshot(folder)
     with pytest.raises(UserError, match="is not empty"):
         D.decode_mirror(root, mirror)
-    monkeypatch.setattr(D, "MIRROR", mirror)
+    monkeypatch.setattr(D.files, "MIRROR", mirror)
     with pytest.raises(UserError, match="test_batch is missing; put it back"):
         D.ensure_cifar10(root, allow_download=False)
     assert snapshot(folder) == before
@@ -147,7 +147,7 @@ def test_checkpoint_loads_with_plain_torch_load_weights_only(tiny_cfg):
     numbers, strings and containers: ``torch.load(path, weights_only=True)`` reads it."""
     cfg = tiny_cfg(**{"train.epochs": 1, "clip.mode": "dynamic", "analysis.probe_every": 3,
                       "analysis.hist_every": 3, "analysis.dead_units": True, "analysis.dead_units_images": 20})
-    assert engine.train(cfg)["status"] == "completed"
+    assert entry.train(cfg)["status"] == "completed"
     path = RunDir(cfg.run_dir()).checkpoint
     plain = torch.load(path, weights_only=True)
     assert isinstance(plain[CHECKPOINT_DIGEST_KEY], str)
@@ -160,7 +160,7 @@ def test_checkpoint_loads_with_plain_torch_load_weights_only(tiny_cfg):
 
 
 def test_packed_members_checkpoints_load_with_plain_torch_load(tiny_cfg, tmp_path):
-    from normbench.packed import train_packed
+    from normbench.training.packed import train_packed
 
     cfgs = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "packed"), "train.epochs": 1}) for s in range(2)]
     summaries = train_packed(cfgs)
@@ -214,9 +214,9 @@ def test_checkpoint_of_the_older_format_resumes(tiny_cfg, tmp_path):
     to a run never interrupted, and its next checkpoint is of the plain format."""
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a")})
     stopped = tiny_cfg(**{"log.out_dir": str(tmp_path / "b")})
-    engine.train(straight)
+    entry.train(straight)
     with pytest.raises(SimulatedKill):
-        engine.train(stopped, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
+        entry.train(stopped, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
     run = RunDir(stopped.run_dir())
     state = run.load_checkpoint()
     assert state["state"]["step"] == 10
@@ -232,7 +232,7 @@ def test_checkpoint_of_the_older_format_resumes(tiny_cfg, tmp_path):
         run.load_checkpoint()
     run.checkpoint.write_bytes(b"NORMBENCH-CKPT-1 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
-    summary = engine.train(stopped)
+    summary = entry.train(stopped)
     assert summary["status"] == "completed" and summary["steps"] == 20
     a, b = RunDir(straight.run_dir()).load_checkpoint(), torch.load(run.checkpoint, weights_only=True)
     for name, tensor in a["model"].items():
@@ -244,7 +244,7 @@ def test_checkpoint_of_the_older_format_resumes(tiny_cfg, tmp_path):
 
 def test_metrics_and_summary_are_strict_json_with_null_for_nan(tiny_cfg):
     cfg = tiny_cfg(**{"train.epochs": 1, "clip.mode": "none"})  # no clipping: no threshold
-    summary = engine.train(cfg)
+    summary = entry.train(cfg)
     run = RunDir(cfg.run_dir())
     records = [strict_json(line) for line in run.metrics.read_text().splitlines()]
     train_records = [r for r in records if "train/loss" in r]
@@ -264,7 +264,7 @@ def test_metrics_and_summary_are_strict_json_with_null_for_nan(tiny_cfg):
 @pytest.mark.slow
 def test_report_reads_null_values_and_writes_strict_json(tiny_cfg, tmp_path):
     cfg = tiny_cfg(**{"train.epochs": 1})
-    summary = engine.train(cfg)
+    summary = entry.train(cfg)
     run = RunDir(cfg.run_dir())
     run.write_summary({k: v for k, v in summary.items() if k != "run_dir"} | {"best_test_acc": float("nan")})
     assert strict_json(run.summary.read_text())["best_test_acc"] is None

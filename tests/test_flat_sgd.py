@@ -129,8 +129,8 @@ def test_replaced_and_missing_gradients_follow_torch_semantics():
     assert opt_flat.flat_grads() is not None  # zero_grad bound every gradient to its view again
 
 
-def test_engine_uses_flat_sgd_and_the_clipper_reads_flat_grads(tiny_cfg):
-    from normbench.engine import build_optimizer
+def test_training_uses_flat_sgd_and_the_clipper_reads_flat_grads(tiny_cfg):
+    from normbench.training.optim import build_optimizer
     from normbench.models import build_model
 
     cfg = tiny_cfg(**{"clip.mode": "norm", "clip.max_norm": 0.5})

@@ -1,11 +1,11 @@
 """Float32 accuracy of the normalizers' statistics when an input's mean is large against its spread.
 
 A variance taken as E[x^2] - mean^2 over float32 sums cancels catastrophically once the mean is
-many standard deviations; the fused kernels (normbench.norms.native) and the PyTorch paths of
-normbench.norms.functional must not. Every check here is float32 against the same computation
-in float64 on the same input values, at means of 10x and 100x the standard deviation, in NCHW
-and channels_last: 1e-5 relative on the variance, on every layer's output and on the gradient
-reaching the input.
+many standard deviations; the fused kernels (normbench.norms.speed.native) and the PyTorch paths
+of normbench.norms.speed.functional must not. Every check here is float32 against the same
+computation in float64 on the same input values, at means of 10x and 100x the standard
+deviation, in NCHW and channels_last: 1e-5 relative on the variance, on every layer's output
+and on the gradient reaching the input.
 """
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import copy
 import pytest
 import torch
 
-from normbench.norms import functional, native
-from normbench.norms.batch import BatchRenorm2d, GhostBatchNorm2d
-from normbench.norms.sample import EvoNormS0, FilterResponseNorm2d, GroupNorm, InstanceNorm2d, LayerNorm2d
+from normbench.norms import speed
+from normbench.norms.batch_renorm import BatchRenorm2d
+from normbench.norms.evonorm import EvoNormS0
+from normbench.norms.filter_response import FilterResponseNorm2d
+from normbench.norms.ghost_batch_norm import GhostBatchNorm2d
+from normbench.norms.group_norm import GroupNorm, InstanceNorm2d, LayerNorm2d
+from normbench.norms.speed import functional, native
 
 TOL = 1e-5
 OFFSETS = [10.0, 100.0]
@@ -24,13 +28,13 @@ LAYOUTS = [False, True]
 
 
 def need_native():
-    if native.library() is None:
+    if not speed.load():
         pytest.skip("fused kernels unavailable")
 
 
 @pytest.fixture(params=["native", "fast", "generic"])
 def path(request):
-    """The fused kernels, the CPU fast path of normbench.norms.functional, the generic ops."""
+    """The fused kernels, the CPU fast path of normbench.norms.speed.functional, the generic ops."""
     old = functional.FAST_KERNELS, native.ENABLED
     functional.FAST_KERNELS = request.param != "generic"
     native.ENABLED = request.param == "native"
@@ -42,7 +46,7 @@ def path(request):
 
 @pytest.fixture(params=["fast", "generic"])
 def functional_path(request):
-    """normbench.norms.functional's CPU fast path and its generic ops."""
+    """normbench.norms.speed.functional's CPU fast path and its generic ops."""
     old = functional.FAST_KERNELS
     functional.FAST_KERNELS = request.param == "fast"
     yield request.param
@@ -131,7 +135,7 @@ LAYERS = {
     "evonorm_s0": lambda c: EvoNormS0(c),
     "evonorm_s0_noact": lambda c: EvoNormS0(c, apply_act=False),
 }
-# the layers whose statistics come from normbench.norms.functional when the kernels are off
+# the layers whose statistics come from normbench.norms.speed.functional when the kernels are off
 # (GroupNorm / LayerNorm / InstanceNorm then run PyTorch's own GroupNorm kernel)
 FUNCTIONAL_LAYERS = ["ghost_bn", "brn", "frn", "evonorm_s0", "evonorm_s0_noact"]
 
@@ -186,7 +190,7 @@ def test_native_layers_match_float64_at_large_offsets(cl, offset, kind):
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("cl", LAYOUTS, ids=["nchw", "channels_last"])
 def test_functional_layers_match_float64_in_every_path(path, cl, offset, kind):
-    """The layers built on normbench.norms.functional, in each path: output and input gradient."""
+    """The layers built on normbench.norms.speed.functional, in each path: output and input gradient."""
     errs = compare_layer(kind, offset_input((4, 32, 8, 8), offset, cl), check_params=False)
     assert max(errs.values()) < TOL, errs
 
@@ -233,7 +237,7 @@ def test_evonorm_zero_variance_group(path, cl, apply_act):
 def test_syncbn_moments_are_two_pass_and_match_float64(offset):
     """SyncBN's global moments (one rank: the reduce is the identity) against float64, at a
     mean of 10x and 100x the std; the variance never comes from Q / n - mean^2."""
-    from normbench.norms.sync import global_moments
+    from normbench.norms.sync_batch_norm import global_moments
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 6, 8, 8, generator=g) + offset

@@ -22,13 +22,18 @@ from torch.autograd import gradcheck
 from normbench.config import NormConfig, load_config
 from normbench.errors import UserError
 from normbench.models import ARCH_OVERRIDES, build_model
-from normbench.norms import available_norms, eps_of, functional, get_scheme, native
-from normbench.norms.batch import (BatchNorm2d, BatchRenorm2d, ChunkedBatchNormFn, GhostBatchNorm2d, _Chunks,
-                                   ghost_chunk_sizes)
-from normbench.norms.sample import (EvoNormS0, EvoNormS0Fn, FilterResponseNorm2d, FRNFn, GroupNorm, GroupNormFn,
-                                    InstanceNorm2d, LayerNorm2d, TLU, TLUFn)
-from normbench.norms.weight import (NF_RELU_GAIN, ScaledReLU, ScaledWSConv2d, WSConv2d, scaled_standardize_weight,
-                                    standardize_weight)
+from normbench.norms import available_norms, eps_of, get_scheme
+from normbench.norms.batch_norm import BatchNorm2d
+from normbench.norms.batch_renorm import BatchRenorm2d
+from normbench.norms.evonorm import EvoNormS0
+from normbench.norms.filter_response import TLU, FilterResponseNorm2d
+from normbench.norms.ghost_batch_norm import GhostBatchNorm2d, ghost_chunk_sizes
+from normbench.norms.group_norm import GroupNorm, InstanceNorm2d, LayerNorm2d
+from normbench.norms.speed import (ChunkedBatchNormFn, Chunks, EvoNormS0Fn, FRNFn, GroupNormFn, TLUFn, functional,
+                                   native)
+from normbench.norms.speed import load as load_kernels
+from normbench.norms.weight_standardization import (NF_RELU_GAIN, ScaledReLU, ScaledWSConv2d, WSConv2d,
+                                                    scaled_standardize_weight, standardize_weight)
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ["bn", "ghost_bn", "brn", "gn", "ln", "in", "ws_gn", "frn", "evonorm_s0", "none", "nf"]
@@ -37,11 +42,13 @@ D64 = torch.float64
 
 @pytest.fixture(params=["native", "fast", "generic"])
 def kernels(request):
-    """Run a test with the fused C++ kernels (normbench.norms.native), with the CPU fast path of
-    normbench.norms.functional, and with the generic ops."""
+    """Run a test with the fused C++ kernels (normbench.norms.speed.native), with the CPU fast path
+    of normbench.norms.speed.functional, and with the generic ops."""
     old = functional.FAST_KERNELS, native.ENABLED
     functional.FAST_KERNELS = request.param != "generic"
     native.ENABLED = request.param == "native"
+    if request.param == "native":
+        load_kernels()  # the explicit build step (the "native" cases would test the PyTorch path without it)
     yield request.param
     functional.FAST_KERNELS, native.ENABLED = old
 
@@ -97,7 +104,7 @@ def test_native_kernels_build_on_this_machine():
     has g++); without this, the "native" cases below would silently test the PyTorch path."""
     if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
         pytest.skip("no C++ compiler on PATH")
-    assert native.library() is not None
+    assert load_kernels() and native.library() is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, D64], ids=["f32", "f64"])
@@ -313,7 +320,7 @@ def test_ghost_bn_per_chunk_equals_bn_run_chunk_by_chunk():
 
 def test_ghost_bn_gradcheck(kernels):
     for batch, ghost in [(5, 2), (6, 3), (7, 3)]:
-        chunks = _Chunks(ghost_chunk_sizes(batch, ghost), "cpu", D64)
+        chunks = Chunks(ghost_chunk_sizes(batch, ghost), "cpu", D64)
         x = rand(batch, 3, 2, 3, dtype=D64).requires_grad_()
         w, b = affine_params(3)
         assert gradcheck(lambda x, w, b: ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, None)[0], (x, w, b))
@@ -327,7 +334,7 @@ def test_chunked_bn_fused_relu_gradcheck():
     renorm = (torch.full((3,), 50.0, dtype=D64), torch.full((3,), 0.01, dtype=D64),
               torch.tensor(1.5, dtype=D64), torch.tensor(0.5, dtype=D64))
     for sizes, rn in [([2, 3], None), ([3, 2, 2], None), ([5], renorm)]:
-        chunks = _Chunks(sizes, "cpu", D64)
+        chunks = Chunks(sizes, "cpu", D64)
         x = rand(sum(sizes), 3, 2, 3, dtype=D64).requires_grad_()
         w, b = affine_params(3)
         y = ChunkedBatchNormFn.apply(x, w, b, chunks, 1e-3, rn, None, True)[0]
@@ -449,7 +456,7 @@ def test_brn_forward_backward_and_moving_stats_against_formula(kernels, path):
 
 def test_brn_gradcheck_with_r_and_d_clipped(kernels):
     # gradcheck differentiates r, d numerically: put them at their limits, where they are constant
-    chunks = _Chunks([5], "cpu", D64)
+    chunks = Chunks([5], "cpu", D64)
     x = rand(5, 3, 2, 3, dtype=D64).requires_grad_()
     w, b = affine_params(3)
     renorm = (torch.full((3,), 50.0, dtype=D64), torch.full((3,), 0.01, dtype=D64),

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import SignalAtStep
-from normbench import engine
+from normbench.training import entry
 from normbench.models import build_model
-from normbench.packed import pack_key, pack_models, train_packed, unpack_state, why_not_packable
+from normbench.training.packed import train_packed
+from normbench.training.packing import pack_key, pack_models, unpack_state, why_not_packable
 from normbench.tracking import RunDir
 
 
@@ -65,8 +66,8 @@ def test_three_seeds_packed_equal_three_alone(tiny_cfg, tmp_path):
     packed = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "packed"), "log.checkpoint_every_s": 1e-6}, **common)
               for s in range(3)]
     assert len({pack_key(c) for c in packed}) == 1 and why_not_packable(packed[0]) is None
-    solo_summaries = [engine.train(c) for c in alone]
-    floor_summaries = [engine.train(c) for c in floor]
+    solo_summaries = [entry.train(c) for c in alone]
+    floor_summaries = [entry.train(c) for c in floor]
     packed_summaries = train_packed(packed)
     for a, f, p, ca, cf, cp in zip(solo_summaries, floor_summaries, packed_summaries, alone, floor, packed):
         assert p["status"] == "completed" and p["packed_members"] == 3 and p["steps"] == a["steps"]

@@ -246,7 +246,7 @@ def test_probe_gives_up_on_a_port_that_accepts_but_never_answers(monkeypatch):
     import ray._raylet
 
     from normbench.errors import UserError
-    from normbench.sweep import _ray_probe
+    from normbench.sweep.ray_backend import ray_probe
 
     monkeypatch.setattr(ray._raylet, "GcsClient", lambda address: time.sleep(3600))
     with socket.socket() as server:
@@ -255,7 +255,7 @@ def test_probe_gives_up_on_a_port_that_accepts_but_never_answers(monkeypatch):
         address = f"127.0.0.1:{server.getsockname()[1]}"
         t0 = time.monotonic()
         with pytest.raises(UserError) as err:
-            _ray_probe(address, address, timeout=1.5)
+            ray_probe(address, address, timeout=1.5)
         assert time.monotonic() - t0 < 5
     assert address in str(err.value) and "accepts connections" in str(err.value)
 
@@ -263,7 +263,7 @@ def test_probe_gives_up_on_a_port_that_accepts_but_never_answers(monkeypatch):
 def test_probe_leaves_the_main_thread_free_for_sigterm(monkeypatch):
     import ray._raylet
 
-    from normbench.sweep import _ray_probe
+    from normbench.sweep.ray_backend import ray_probe
 
     monkeypatch.setattr(ray._raylet, "GcsClient", lambda address: time.sleep(3600))
 
@@ -280,7 +280,7 @@ def test_probe_leaves_the_main_thread_free_for_sigterm(monkeypatch):
             t0 = time.monotonic()
             timer.start()
             with pytest.raises(KeyboardInterrupt):
-                _ray_probe(address, address, timeout=30)
+                ray_probe(address, address, timeout=30)
             assert time.monotonic() - t0 < 5
     finally:
         timer.cancel()
@@ -289,9 +289,9 @@ def test_probe_leaves_the_main_thread_free_for_sigterm(monkeypatch):
 
 def test_malformed_address_is_one_line_naming_it():
     from normbench.errors import UserError
-    from normbench.sweep import _ray_gcs_address
+    from normbench.sweep.ray_backend import ray_gcs_address
 
     for bad in ("nonsense", "10.0.0.1:", "10.0.0.1:port", "10.0.0.1:70000"):
         with pytest.raises(UserError) as err:
-            _ray_gcs_address(bad)
+            ray_gcs_address(bad)
         assert f"'{bad}'" in str(err.value) and "HOST:PORT" in str(err.value)

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from normbench.cli import app
-from normbench.report import build_report, collect, parse_formats, plot, to_csv, to_markdown
+from normbench.cli.main import app
+from normbench.report.build import build_report
+from normbench.report.plots import plot
+from normbench.report.render import parse_formats, to_csv, to_markdown
+from normbench.report.runs import collect
 from normbench.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,13 +160,21 @@ def test_parse_formats():
 
 
 def test_plot_marks_diverged(runs_dir, tmp_path):
+    """A cell whose runs all diverged or failed (no norm + AGC at batch 2 and 8) is a cross at
+    its batch size, named in the legend; a cell with a completed run (batch 32) is not."""
+    from normbench.report.plots import accuracy_figure
+
     report = build_report(collect(runs_dir), error=True)
     path = plot(report, tmp_path / "err.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+    ax = accuracy_figure(report).axes[0]
+    crosses = [list(line.get_xdata()) for line in ax.lines if line.get_marker() == "x" and len(line.get_xdata())]
+    assert sorted(crosses) == [[2], [8]]
+    assert "diverged / failed" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_method_colours_depend_on_the_set_of_methods_not_their_order():
-    from normbench.report import method_colours
+    from normbench.report.plots import method_colours
 
     a = method_colours(["gn", "bn", "none+agc"])
     assert a == method_colours(["none+agc", "bn", "gn", "bn"])
@@ -353,7 +364,7 @@ def with_curve(run: Path, accs: dict) -> Path:
 
 
 def test_t_interval_matches_hand_computed_values():
-    from normbench.report_stats import interval, t_quantile, t_two_sided_prob
+    from normbench.report.stats import interval, t_quantile, t_two_sided_prob
 
     # two-sided 95% Student t quantiles, from printed tables
     for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)):
@@ -445,9 +456,9 @@ def test_display_names_and_styles_in_tables(tmp_path):
                  "FRN + TLU"):
         assert f"\n| {name} | " in md, name
     assert "| none+agc |" not in md and "frn_activation" not in md
-    from normbench.report_plots import styles
+    from normbench.report.plots import method_styles
 
-    style = styles(runs)
+    style = method_styles(runs)
     assert len(style) == 13 and len(set(style.values())) == 13
     assert len({s.colour for s in style.values()}) == 13 and len({s.marker for s in style.values()}) == 13
 
@@ -467,7 +478,7 @@ def test_fixed_styles_differ_in_colour_and_marker():
     import itertools
     import math
 
-    from normbench.display import STYLES
+    from normbench.report.styles import STYLES
 
     assert len({s.marker for s in STYLES.values()}) == len(STYLES)
     closest = min(math.dist(_lab(a.colour), _lab(b.colour)) for a, b in itertools.combinations(STYLES.values(), 2))
@@ -475,7 +486,7 @@ def test_fixed_styles_differ_in_colour_and_marker():
 
 
 def test_protocol_in_titles_is_read_from_the_summaries(tmp_path):
-    from normbench.display import protocol
+    from normbench.report.styles import protocol
 
     for batch, seeds in ((2, 4), (8, 4), (32, 2), (128, 2)):
         for seed in range(seeds):
@@ -489,7 +500,7 @@ def test_protocol_in_titles_is_read_from_the_summaries(tmp_path):
 
 
 def test_curves_plot_is_written_from_the_metrics(tmp_path):
-    from normbench.report_plots import curves
+    from normbench.report.plots import curves
 
     runs_root = tmp_path / "runs"
     with_curve(write_run(runs_root, "bn", 2, 0, acc=0.5), {1: 0.30, 2: 0.50})
@@ -509,7 +520,7 @@ def test_curves_plot_is_written_from_the_metrics(tmp_path):
 
 
 def test_fixed_probe_table_leaves_out_lr_mode_runs(tmp_path):
-    from normbench.report_analysis import _probe_runs
+    from normbench.report.analysis_plots import probe_runs
 
     fixed = {"probe_mode": "fixed", "probe_count": 20, "probe_beta_mean": 1.0}
     for seed, beta in ((0, 10.0), (1, 12.0)):
@@ -536,9 +547,9 @@ def test_fixed_probe_table_leaves_out_lr_mode_runs(tmp_path):
     assert lin.cell("gn", 8).values == [0.9]
     lr_table = next(t for t in report.tables if t.key == "probe_beta_mean")
     assert lr_table.cell("bn", 8).values == [999.0] and lr_table.methods == ["bn", "ln"]
-    rows = _probe_runs([{**r.summary, "_dir": str(r.path)} for r in runs])
+    rows = probe_runs([{**r.summary, "_dir": str(r.path)} for r in runs])
     assert sorted(rows[8]) == ["BN", "LN"]  # the lr-mode probe plots leave the fixed-mode gn run out
-    from normbench.report_analysis import plots
+    from normbench.report.analysis_plots import plots
 
     paths = plots([{**r.summary, "_dir": str(r.path)} for r in runs], tmp_path / "plots")
     assert (tmp_path / "plots" / "analysis_probe_fixed.png") in paths
@@ -552,7 +563,7 @@ def test_batch_statistics_table_and_units_in_csv(tmp_path):
         with_summary(write_run(tmp_path, "bn", 32, seed, acc=0.6), test_acc_eval_mode=0.6,
                      test_acc_train_mode=0.58, train_eval_gap=-0.02)
         write_run(tmp_path, "gn", 2, seed, acc=0.4)
-    from normbench.report import analysis_columns
+    from normbench.report.build import analysis_columns
 
     report = build_report(collect(tmp_path), extra_columns=analysis_columns()[0])
     stats = next(t for t in report.tables if t.key == "batch_stats_accuracy")
@@ -579,7 +590,7 @@ def test_batch_statistics_table_and_units_in_csv(tmp_path):
 def test_bn_gap_plot_draws_precise_bn_only_when_measured(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from normbench.report_analysis import plots
+    from normbench.report.analysis_plots import plots
 
     figures = []
     monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))

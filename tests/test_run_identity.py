@@ -24,8 +24,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import KillAfterStep, REPO, SimulatedKill, run_cli, tiny_overrides
-from normbench import engine
-from normbench.cli import app
+from normbench.progress import Progress
+from normbench.training import entry
+from normbench.cli.main import app
 from normbench.config import load_config, parse_overrides
 from normbench.data import present_identity, synthetic_cifar
 from normbench.errors import OtherDataError, UserError
@@ -60,7 +61,7 @@ def test_summary_and_checkpoint_record_the_data(tiny_cfg, synth_root, other_root
     identity = present_identity(synth_root)
     assert identity.source == "synthetic" and identity != present_identity(other_root)
     cfg = tiny_cfg(**{"train.epochs": 1})
-    summary = engine.train(cfg)
+    summary = entry.train(cfg)
     assert summary["data_source"] == "synthetic" and summary["data_fingerprint"] == identity.fingerprint
     ckpt = RunDir(cfg.run_dir()).load_checkpoint()
     assert ckpt["data"] == {"source": "synthetic", "fingerprint": identity.fingerprint}
@@ -91,32 +92,32 @@ def test_completed_run_is_not_passed_off_for_other_data(synth_root, other_root, 
 def test_resume_from_a_checkpoint_made_on_other_data_is_refused(tiny_cfg, other_root):
     cfg = tiny_cfg()
     with pytest.raises(SimulatedKill):
-        engine.train(cfg, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
+        entry.train(cfg, progress=KillAfterStep(15))  # mid epoch 2, after epoch 1's checkpoint
     run_dir = RunDir(cfg.run_dir())
     ckpt, metrics = run_dir.checkpoint.read_bytes(), run_dir.metrics.read_bytes()
     assert not run_dir.summary.exists()
     with pytest.raises(OtherDataError, match="holds a checkpoint made on other data") as err:
-        engine.train(tiny_cfg(**{"data.root": str(other_root)}))
+        entry.train(tiny_cfg(**{"data.root": str(other_root)}))
     assert "--fresh" in str(err.value)
     assert run_dir.checkpoint.read_bytes() == ckpt and run_dir.metrics.read_bytes() == metrics
     assert not run_dir.summary.exists()
-    assert engine.train(cfg)["status"] == "completed"  # on its own data it resumes
+    assert entry.train(cfg)["status"] == "completed"  # on its own data it resumes
 
 
 def test_summary_without_a_fingerprint_is_accepted_as_legacy_when_its_source_matches(tiny_cfg, tmp_path):
     from normbench import report
 
     cfg = tiny_cfg(**{"train.epochs": 1})
-    engine.train(cfg)
+    entry.train(cfg)
     run_dir = RunDir(cfg.run_dir())
     legacy = run_dir.read_summary()
     del legacy["data_fingerprint"]  # as written before fingerprints were recorded
     run_dir.summary.write_text(json.dumps(legacy))
-    again = engine.train(cfg)
+    again = entry.train(cfg)
     assert again.get("skipped") and again["final_test_acc"] == legacy["final_test_acc"]
     run_dir.summary.write_text(json.dumps({**legacy, "data_source": "official"}))
     with pytest.raises(OtherDataError, match=r"holds a completed run made on other data \(official data;"):
-        engine.train(cfg)
+        entry.train(cfg)
     # reports read such summaries as before
     (run,) = report.collect(tmp_path / "runs")
     assert run.status == "completed" and run.summary["final_test_acc"] == legacy["final_test_acc"]
@@ -131,14 +132,17 @@ def _write_sweep(path: Path, root: Path, out: Path, epochs: int = 1) -> Path:
 
 
 def test_sweep_cell_on_other_data_is_refused_like_train(tmp_path, synth_root, other_root):
+    import dataclasses
+
     from normbench import sweep as sw
+    from normbench.sweep.cell import run_cell
 
     out = tmp_path / "out"
     path = _write_sweep(tmp_path / "s.yaml", synth_root, out)
     spec = sw.load_sweep(path)
     (task,) = sw.plan_sweep(spec, 1).tasks
-    assert sw.run_cell(task)["status"] == "completed"
-    run_dir = Path(task["run_dir"])
+    assert run_cell(task).status == "completed"
+    run_dir = task.run_dir
     before = (run_dir / "summary.json").read_bytes()
 
     other = sw.load_sweep(path, overrides=parse_overrides([f"data.root={other_root}"]))
@@ -152,13 +156,13 @@ def test_sweep_cell_on_other_data_is_refused_like_train(tmp_path, synth_root, ot
     res = runner.invoke(app, ["sweep", str(path), "--set", f"data.root={other_root}", "--workers", "1"])
     assert res.exit_code == 2 and len(error_lines(res.output)) == 1 and "other data" in res.output, res.output
     # a worker that finds it so under the lock (the data changed after planning) leaves it alone
-    stale = {**task, "config": other.cells[0].cfg.model_copy(update={"threads": 1}).to_dict()}
-    result = sw.run_cell(stale)
-    assert result["outcome"] == "refused" and "--force" in result["error"]
+    stale = dataclasses.replace(task, config=other.cells[0].cfg.model_copy(update={"threads": 1}))
+    result = run_cell(stale)
+    assert result.outcome == "refused" and "--force" in result.error
     assert (run_dir / "summary.json").read_bytes() == before
     # --force retrains it on the new data
     (forced,) = sw.plan_sweep(other, 1, force=True).tasks
-    assert sw.run_cell(forced)["status"] == "completed"
+    assert run_cell(forced).status == "completed"
     assert json.loads((run_dir / "summary.json").read_text())["data_fingerprint"] == \
         present_identity(other_root).fingerprint
     assert sw.cell_state(cell) == "done" and sw.cell_state(spec.cells[0]) == "other-data"
@@ -195,7 +199,7 @@ def test_run_lock_is_reentrant_within_a_process_and_exclusive_across(tmp_path):
     assert _try_lock_elsewhere(path)
 
 
-class ReleaseWhenWaiting(engine.Progress):
+class ReleaseWhenWaiting(Progress):
     """Kills the lock's holder as soon as the run says it is waiting for it."""
 
     def __init__(self, holder: subprocess.Popen):
@@ -211,6 +215,9 @@ class ReleaseWhenWaiting(engine.Progress):
 @pytest.mark.slow
 def test_train_refuses_a_run_another_process_trains_and_waits_when_asked(tmp_path, synth_root):
     from normbench import sweep as sw
+    from normbench.sweep.cell import run_cell
+    from normbench.sweep.spec import Cell
+    from normbench.sweep.tasks import CellTask
 
     out = tmp_path / "runs"
     cfg = load_config(None, tiny_overrides(synth_root, out, **{"train.epochs": 1}))
@@ -224,14 +231,13 @@ def test_train_refuses_a_run_another_process_trains_and_waits_when_asked(tmp_pat
         assert f"run folder {run_dir} is being trained by {holder.pid}@" in line and "--wait" in line
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]  # nothing read, nothing written
         # a sweep worker sees the same lock: it defers the cell, naming the holder
-        task = {"index": 0, "name": "cell", "run_dir": str(run_dir), "mode": "normal", "wait": False,
-                "config": cfg.to_dict()}
-        result = sw.run_cell(task)
-        assert result["outcome"] == "locked" and result["holder"].startswith(f"{holder.pid}@")
-        assert sw.cell_state(sw.Cell(0, "cell", {}, cfg)) == "running"
+        task = CellTask(index=0, name="cell", config=cfg, mode="normal", wait=False)
+        result = run_cell(task)
+        assert result.outcome == "locked" and result.holder.startswith(f"{holder.pid}@")
+        assert sw.cell_state(Cell(0, "cell", {}, cfg)) == "running"
         # asked to wait, the run starts once the holder is gone
         progress = ReleaseWhenWaiting(holder)
-        summary = engine.train(cfg, wait=True, progress=progress)
+        summary = entry.train(cfg, wait=True, progress=progress)
         assert summary["status"] == "completed" and not summary.get("skipped")
         assert progress.messages[0].startswith(f"waiting for {holder.pid}@")
     finally:
@@ -246,29 +252,30 @@ def test_train_refuses_a_run_another_process_trains_and_waits_when_asked(tmp_pat
 
 def test_sweep_cell_with_a_corrupt_checkpoint_names_the_sweep_flag(tmp_path, synth_root):
     from normbench import sweep as sw
+    from normbench.sweep.cell import run_cell
 
     path = _write_sweep(tmp_path / "s.yaml", synth_root, tmp_path / "out", epochs=2)
     spec = sw.load_sweep(path)
     (task,) = sw.plan_sweep(spec, 1).tasks
-    assert sw.run_cell(task)["status"] == "completed"
-    run_dir = RunDir(task["run_dir"])
+    assert run_cell(task).status == "completed"
+    run_dir = RunDir(task.run_dir)
     run_dir.summary.unlink()  # killed before its summary: the cell resumes from the checkpoint
     blob = bytearray(run_dir.checkpoint.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     run_dir.checkpoint.write_bytes(bytes(blob))
     (task,) = sw.plan_sweep(spec, 1).tasks
-    result = sw.run_cell(task)
-    assert result["status"] == "failed" and "checkpoint.pt is corrupt" in result["error"]
-    for text in (result["error"], run_dir.read_summary()["note"], run_dir.error_log.read_text()):
+    result = run_cell(task)
+    assert result.status == "failed" and "checkpoint.pt is corrupt" in result.error
+    for text in (result.error, run_dir.read_summary()["note"], run_dir.error_log.read_text()):
         assert "--rerun-failed" in text and "--fresh" not in text
     assert "--rerun-failed" in runner.invoke(app, ["sweep", "--help"]).output  # a flag the sweep has
     # a corrupt summary says the same
     run_dir.summary.write_text("{")
-    problem = sw._safe_summary(run_dir.path)[1]
+    problem = sw.safe_summary(run_dir.path)[1]
     assert "summary.json is corrupt" in problem and "--rerun-failed" in problem and "--fresh" not in problem
     # and the flag does recover it
     (task,) = sw.plan_sweep(spec, 1, rerun_failed=True).tasks
-    assert sw.run_cell(task)["status"] == "completed"
+    assert run_cell(task).status == "completed"
 
 
 def test_config_that_fails_on_a_layer_leaves_no_run_folder(tmp_path, synth_root):
@@ -294,5 +301,5 @@ def test_missing_data_leaves_no_run_folder_but_a_started_run_keeps_its_own(tmp_p
     # a run that started and was then stopped keeps its folder (it resumes from it)
     cfg = load_config(None, tiny_overrides(synth_root, out))
     with pytest.raises(SimulatedKill):
-        engine.train(cfg, progress=KillAfterStep(15))
+        entry.train(cfg, progress=KillAfterStep(15))
     assert (cfg.run_dir() / "config.yaml").exists() and (cfg.run_dir() / "checkpoint.pt").exists()

@@ -11,13 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from normbench import analysis, engine
-from normbench.analysis import (FixedProbeResult, activation_layers, dead_units, fixed_probe, fixed_probe_tags,
-                                precise_bn_eval, probe_batch, probe_model_fixed, probe_schedule)
+from normbench.device import prepare_kernels, use_channels_last
+from normbench.progress import Progress
+from normbench.training import entry
+from normbench.analysis.activations import activation_layers, dead_units, probe_images
+from normbench.analysis.batch_stats import accuracy, precise_bn, precise_bn_batches, precise_bn_eval
+from normbench.analysis.probes import (FixedProbeResult, fixed_probe, fixed_probe_tags, probe_batch, probe_model_fixed,
+                                       probe_schedule)
 from normbench.config import load_config
 from normbench.errors import UserError
-from normbench.norms.batch import BatchRenorm2d
-from normbench.packed import pack_key, pack_models, train_packed, unpack_state, why_not_packable
+from normbench.norms.batch_renorm import BatchRenorm2d
+from normbench.training.packed import train_packed
+from normbench.training.packing import pack_key, pack_models, unpack_state, why_not_packable
 from normbench.tracking import RunDir
 from conftest import SignalAtStep
 
@@ -26,6 +31,12 @@ FIXED = {"analysis.probe_mode": "fixed"}
 
 
 # ----------------------------------------------------------------------------- config
+
+
+def channels_last_on_cpu(cfg) -> bool:
+    """The memory format a run of ``cfg`` trains in on this CPU (as normbench.device builds it)."""
+    cpu = torch.device("cpu")
+    return use_channels_last(cfg, cpu, prepare_kernels(cpu))
 
 
 def test_committed_run_folders_keep_their_config_hash():
@@ -162,7 +173,7 @@ def _solo_model(cfg, weights):
     """The model a run of ``cfg`` trains, holding ``weights`` (memory format included)."""
     from normbench.models import build_model
 
-    fmt = torch.channels_last if engine.use_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last_on_cpu(cfg) else torch.contiguous_format
     model = build_model(cfg).to(memory_format=fmt)
     model.load_state_dict(weights)
     return model
@@ -179,7 +190,7 @@ def test_measurements_do_not_change_training(tiny_cfg, tmp_path):
     kind = "brn"
     on = tiny_cfg(**{"norm.kind": kind, "log.out_dir": str(tmp_path / "on"), **_measured()})
     off = tiny_cfg(**{"norm.kind": kind, "log.out_dir": str(tmp_path / "off"), "analysis.train_mode_eval": False})
-    s_on, s_off = engine.train(on), engine.train(off)
+    s_on, s_off = entry.train(on), entry.train(off)
     w_on, w_off = _weights(on), _weights(off)
     assert w_on.keys() == w_off.keys()
     for k in w_on:  # parameters and every buffer (running statistics, num_batches_tracked)
@@ -203,8 +214,8 @@ def test_fixed_probe_is_the_same_for_every_batch_size_and_lr(tiny_cfg, tmp_path)
     one = {**FIXED, "analysis.probes_per_run": 2, "train.epochs": 1}
     a = tiny_cfg(**{**one, "log.out_dir": str(tmp_path / "a")})
     b = tiny_cfg(**{**one, "log.out_dir": str(tmp_path / "b"), "train.batch_size": 10, "optim.lr": 0.03})
-    engine.train(a)
-    engine.train(b)
+    entry.train(a)
+    entry.train(b)
     pa, pb = _records(a, "probe/"), _records(b, "probe/")
     assert [r["step"] for r in pa] == [0, 10] and [r["step"] for r in pb] == [0, 20]
     assert {k: v for k, v in pa[0].items() if k.startswith("probe/")} == \
@@ -216,7 +227,7 @@ def test_fixed_probe_is_the_same_for_every_batch_size_and_lr(tiny_cfg, tmp_path)
 
     model = _solo_model(b, _weights(a))
     data = load_cifar10(b.data, log=lambda m: None)
-    x, y = probe_batch(data, Normalizer(torch.device("cpu"), engine.use_channels_last(b, torch.device("cpu"))), 512)
+    x, y = probe_batch(data, Normalizer(torch.device("cpu"), channels_last_on_cpu(b)), 512)
     assert len(y) == 100  # the synthetic test set (512 asked)
     again = probe_model_fixed(model, x, y, b.analysis.probe_distances).vector().tolist()
     assert dict(zip(fixed_probe_tags(b.analysis.probe_distances), again)) == \
@@ -229,12 +240,12 @@ def test_fixed_probes_survive_an_interruption(tiny_cfg, tmp_path):
     extra = {**FIXED, "analysis.probes_per_run": 8, "train.log_every": 2, "norm.kind": "brn"}
     straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), **extra})
     broken = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), **extra})
-    engine.train(straight)
-    first = engine.train(broken, progress=SignalAtStep(12))
+    entry.train(straight)
+    first = entry.train(broken, progress=SignalAtStep(12))
     assert first["status"] == "interrupted" and first["steps"] == 12
     ckpt = RunDir(broken.run_dir()).load_checkpoint()["analysis"]
     assert [s for s, _ in ckpt["pending_probes"]] == [11] and ckpt["last_probe_step"] == 11
-    again = engine.train(broken)
+    again = entry.train(broken)
     assert again["status"] == "completed"
     assert _records(straight) == _records(broken)
     assert [r["step"] for r in _records(broken, "probe/")] == probe_schedule(20, 8)
@@ -286,7 +297,7 @@ def _direct_precise_bn_accuracy(cfg, weights, images: int, batch: int) -> tuple[
 def test_precise_bn_in_the_run_matches_a_direct_computation(tiny_cfg, tmp_path):
     cfg = tiny_cfg(**{"log.out_dir": str(tmp_path / "bn"), "analysis.precise_bn": True, "train.epochs": 1,
                       "analysis.precise_bn_images": 150, "analysis.precise_bn_batch": 40})
-    s = engine.train(cfg)
+    s = entry.train(cfg)
     assert s["precise_bn_images"] == 120 and s["precise_bn_batch_size"] == 40  # 3 whole batches of 40
     expected, stats = _direct_precise_bn_accuracy(cfg, _weights(cfg), 120, 40)
     assert s["test_acc_precise_bn"] == expected
@@ -297,8 +308,8 @@ def test_precise_bn_in_the_run_matches_a_direct_computation(tiny_cfg, tmp_path):
     model = build_model(cfg)
     model.load_state_dict(_weights(cfg))
     data = load_cifar10(cfg.data, log=lambda m: None)
-    batches = analysis.precise_bn_batches(data, Normalizer(torch.device("cpu"), False), 150, 40)
-    twin, used = analysis.precise_bn(model, batches)
+    batches = precise_bn_batches(data, Normalizer(torch.device("cpu"), False), 150, 40)
+    twin, used = precise_bn(model, batches)
     assert used == 3
     for name, (mean, var) in stats.items():
         layer = twin.get_submodule(name)
@@ -334,7 +345,7 @@ def _frn_norm_act(relu: bool, channels: int = 5):
 def test_frn_with_relu_is_frn_without_tlu_then_relu(monkeypatch, native_on):
     """y = gamma x / sqrt(mean_HW x^2 + eps) + beta (Singh & Krishnan 2019, Eq. 1-3), then
     max(y, 0), on the fused-kernel path and the PyTorch path, forward and backward."""
-    from normbench.norms import native
+    from normbench.norms.speed import native
 
     if native_on and native.library() is None:
         pytest.skip("the fused kernels do not build here")
@@ -426,10 +437,10 @@ def test_measurements_of_an_unpacked_member_equal_those_of_the_same_weights_alon
         alone = copy.deepcopy(member)
         assert torch.equal(probe_model_fixed(member, x, y, [0.05, 0.1]).vector(),
                            probe_model_fixed(alone, x, y, [0.05, 0.1]).vector())
-        xd = analysis.probe_images(data, norm, 40, 20)
+        xd = probe_images(data, norm, 40, 20)
         assert dead_units(member, xd, 20) == dead_units(alone, xd, 20)
         assert precise_bn_eval(member, data, norm, 100, 50, 50) == precise_bn_eval(alone, data, norm, 100, 50, 50)
-        assert analysis.accuracy(member, data, norm, 20, True) == analysis.accuracy(alone, data, norm, 20, True)
+        assert accuracy(member, data, norm, 20, True) == accuracy(alone, data, norm, 20, True)
 
 
 @pytest.mark.slow
@@ -446,7 +457,7 @@ def test_packed_members_measure_like_runs_alone(tiny_cfg, tmp_path):
               for s in range(2)]
     alone = tiny_cfg(seed=1, **{"log.out_dir": str(tmp_path / "alone")}, **common)
     assert len({pack_key(c) for c in packed}) == 1 and why_not_packable(packed[0]) is None
-    sa = engine.train(alone)
+    sa = entry.train(alone)
     sp = train_packed(packed)
     assert all(p["status"] == "completed" and p["packed_members"] == 2 for p in sp)
     ra, rp = _records(alone, "probe/"), _records(packed[1], "probe/")
@@ -457,17 +468,17 @@ def test_packed_members_measure_like_runs_alone(tiny_cfg, tmp_path):
     data = load_cifar10(alone.data, log=lambda m: None)
     for cfg, summary in zip(packed, sp):
         model = _solo_model(cfg, _weights(cfg))  # the member's final weights, alone
-        norm = Normalizer(torch.device("cpu"), engine.use_channels_last(cfg, torch.device("cpu")))
+        norm = Normalizer(torch.device("cpu"), channels_last_on_cpu(cfg))
         x, y = probe_batch(data, norm, cfg.analysis.probe_images)
         last = _records(cfg, "probe/")[-1]
         vec = probe_model_fixed(model, x, y, cfg.analysis.probe_distances).vector().tolist()
         assert dict(zip(fixed_probe_tags(cfg.analysis.probe_distances), vec)) == \
             {k: v for k, v in last.items() if k.startswith("probe/")}
-        dead = dead_units(model, analysis.probe_images(data, norm, 40, 20), 20)
+        dead = dead_units(model, probe_images(data, norm, 40, 20), 20)
         assert summary["dead_unit_frac"] == dead.pop("all") and summary["dead_units_by_layer"] == dead
         pb = precise_bn_eval(model, data, norm, 100, 50, 50)
         assert summary["test_acc_precise_bn"] == pb["test_acc_precise_bn"] and summary["precise_bn_images"] == 100
-        assert summary["test_acc_train_mode"] == analysis.accuracy(model, data, norm, 20, True)
+        assert summary["test_acc_train_mode"] == accuracy(model, data, norm, 20, True)
 
 
 @pytest.mark.slow
@@ -475,20 +486,21 @@ def test_a_packed_probe_reads_the_packed_weights_of_its_step(tiny_cfg, tmp_path)
     """Before a probe the packed network is unpacked into the members: the probe of step 3 is
     that of the packed weights after 3 packed steps, not of a member's stale own copy."""
     from normbench.data import EpochPlan, load_cifar10
-    from normbench.packed import PackedTrainer, _probe_members
+    from normbench.training.loop import probe_due
+    from normbench.training.packed import PackedStepper
+    from normbench.training.run import Run
 
     cfgs = [tiny_cfg(seed=s, **{**FIXED, "analysis.probes_per_run": 21, "log.out_dir": str(tmp_path)})
             for s in range(2)]
     data = load_cifar10(cfgs[0].data, log=lambda m: None)
-    members = [engine.Trainer(c, RunDir(c.run_dir()), engine.Progress(), data=data) for c in cfgs]
+    members = [Run(c, RunDir(c.run_dir()), Progress(), data=data) for c in cfgs]
     assert members[0].analysis.probe_steps == list(range(21))
-    packed = PackedTrainer(members)
-    status = {id(m): "completed" for m in members}
+    packed = PackedStepper(members)
     plans = [EpochPlan(len(data.train_y), c.train.batch_size, c.seed, 0, True, torch.device("cpu")) for c in cfgs]
     for i in range(3):
-        _probe_members(packed, status)
+        probe_due(packed)
         packed.step(plans, i)
-    _probe_members(packed, status)
+    probe_due(packed)
     for k, (cfg, m) in enumerate(zip(cfgs, members)):
         assert [s for s, _ in m.analysis.pending_probes] == [0, 1, 2, 3]
         solo = _solo_model(cfg, unpack_state(packed.model.state_dict(), m.model.state_dict(), k, 2))

@@ -20,9 +20,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO, run_cli
-from normbench.cli import app
+from normbench.cli.main import app
 from normbench.errors import UserError
-from normbench.sweep import ATTEMPT_MARK, CellLock, expand_grid, load_sweep, parse_axes
+from normbench.sweep.cell import ATTEMPT_MARK
+from normbench.sweep.spec import expand_grid, load_sweep, parse_axes
+from normbench.sweep.state import CellLock
 
 # Settings that make a cell a second or two of CPU: ResNet-20 at width 0.25 (4 channels in
 # the first stage, so GroupNorm uses 2 groups), 200 synthetic images, 1 epoch, 1 thread.
@@ -130,7 +132,7 @@ def test_preflight_and_cli_refuse_a_bad_sweep(tmp_path, synth_root):
 def test_stale_lock_of_a_killed_process_is_free(tmp_path):
     lock_path = tmp_path / ".lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from normbench.sweep import CellLock;"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from normbench.sweep.state import CellLock;"
         "l = CellLock(sys.argv[2]); assert l.try_acquire(); print('held', flush=True); time.sleep(60)"),
         str(REPO), str(lock_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -354,44 +356,39 @@ def test_pack_trains_seeds_as_one_network_with_their_own_run_dirs(tmp_path, synt
 
 def test_pack_max_batch_packs_only_the_small_batch_cells(tmp_path, synth_root):
     """--pack-max-batch 8: the batch-2 seeds are one pack, the batch-20 seeds train alone."""
-    import normbench.sweep as sw
+    from normbench.sweep.plan import plan_sweep
 
     path = write_sweep(tmp_path / "s.yaml", {"train.batch_size": [2, 20], "seed": [0, 1, 2]}, root=synth_root,
                        out_dir=str(tmp_path / "out"), tb=False)
     spec = load_sweep(path, preflight=False)
-    plan = sw.plan_sweep(spec, 1, pack=4, pack_max_batch=8)
-    sizes = sorted((_config_of(t).train.batch_size, len(t.get("pack", [t]))) for t in plan.tasks)
+    plan = plan_sweep(spec, 1, pack=4, pack_max_batch=8)
+    sizes = sorted((t.config.train.batch_size, len(t.cell_tasks)) for t in plan.tasks)
     assert sizes == [(2, 3), (20, 1), (20, 1), (20, 1)]
-    everything = sw.plan_sweep(spec, 1, pack=4)
-    assert sorted(len(t.get("pack", [t])) for t in everything.tasks) == [3, 3]
-
-
-def _config_of(task: dict):
-    from normbench.config import RunConfig
-
-    return RunConfig.model_validate(task["config"])
+    everything = plan_sweep(spec, 1, pack=4)
+    assert sorted(len(t.cell_tasks) for t in everything.tasks) == [3, 3]
 
 
 def test_local_layout_gives_spare_cores_to_the_last_cells(monkeypatch):
     """One single-thread worker per core by default; fewer cells than cores get the spare
     cores as threads; explicit --workers / --threads-per-worker always win."""
-    import normbench.sweep as sw
+    import normbench.sweep.layout as layout
 
-    monkeypatch.setattr(sw, "usable_cores", lambda: 4)
+    monkeypatch.setattr(layout, "usable_cores", lambda: 4)
     cpu_cells = [type("C", (), {"cfg": type("Cfg", (), {"device": "cpu"})()})()] * 6
-    assert sw.local_layout(6, None, None, cpu_cells) == (4, 1)
-    assert sw.local_layout(2, None, None, cpu_cells) == (4, 2)
-    assert sw.local_layout(1, None, None, cpu_cells) == (4, 4)
-    assert sw.local_layout(0, None, None, cpu_cells) == (4, 1)  # nothing to train: the nominal layout
-    assert sw.local_layout(1, 2, None, cpu_cells) == (2, 4)
-    assert sw.local_layout(1, None, 1, cpu_cells) == (4, 1)
+    assert layout.local_layout(6, None, None, cpu_cells) == (4, 1)
+    assert layout.local_layout(2, None, None, cpu_cells) == (4, 2)
+    assert layout.local_layout(1, None, None, cpu_cells) == (4, 4)
+    assert layout.local_layout(0, None, None, cpu_cells) == (4, 1)  # nothing to train: the nominal layout
+    assert layout.local_layout(1, 2, None, cpu_cells) == (2, 4)
+    assert layout.local_layout(1, None, 1, cpu_cells) == (4, 1)
 
 
 def test_sweep_eta_counts_cells_by_estimated_cost():
     """Long cells run first: counting cells alike would put the ETA far off early on."""
-    import normbench.sweep as sw
+    from normbench.sweep.display import SweepCounts
+    from normbench.sweep.plan import EVAL_IMAGES, cost_proxy
 
-    c = sw._Counts()
+    c = SweepCounts()
     c.total, c.weights = 2, {0: 9.0, 1: 1.0}
     c.start(0, "long", 100, 0)
     c.running[0][2] = 50
@@ -401,18 +398,18 @@ def test_sweep_eta_counts_cells_by_estimated_cost():
     assert c.done == 1 and c.fraction_done() == pytest.approx(1.8)
     c.t0 -= 90.0  # 90 s for 90% of the work: 10 s left
     assert c.eta() == pytest.approx(10.0, rel=0.05)
-    resumed = sw._Counts()  # a cell resumed at 80%: its earlier steps are not this run's speed
+    resumed = SweepCounts()  # a cell resumed at 80%: its earlier steps are not this run's speed
     resumed.total, resumed.weights = 2, {0: 1.0, 1: 1.0}
     resumed.start(0, "resumed", 100, 80)
     resumed.running[0][2] = 90
     resumed.t0 -= 10.0  # 10 s for 10% of one cell: 1.1 cells (110 s) left
     assert resumed.eta() == pytest.approx(110.0, rel=0.05)
-    plain = sw._Counts()
+    plain = SweepCounts()
     plain.total, plain.done = 4, 1
     assert plain.fraction_done() == 1  # without weights: cells alike
     cfg = lambda b: load_config_for_cost(b)  # noqa: E731
-    assert sw.cost_proxy(cfg(2)) / sw.cost_proxy(cfg(128)) == pytest.approx(
-        (25000 * 5 + sw.EVAL_IMAGES) / (390 * 131 + sw.EVAL_IMAGES))
+    assert cost_proxy(cfg(2)) / cost_proxy(cfg(128)) == pytest.approx(
+        (25000 * 5 + EVAL_IMAGES) / (390 * 131 + EVAL_IMAGES))
 
 
 def load_config_for_cost(batch):

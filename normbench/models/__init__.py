@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
-# Schemes that replace the architecture rather than a layer: name -> builder(cfg).
-# The normalizer-free ResNet registers itself here (see nf_resnet.py).
-ARCH_OVERRIDES: dict = {}
+from normbench.models.nf_resnet import nf_resnet
+
+# Schemes that replace the architecture rather than a layer: name -> builder(cfg). Registered
+# here, on the models' side: models import normbench.norms, never the other way round.
+ARCH_OVERRIDES: dict = {"nf": nf_resnet}
 
 
 def build_model(cfg) -> nn.Module:

@@ -2,8 +2,8 @@
 
 No normalization layer anywhere; signal propagation is controlled analytically instead:
 
-* every convolution is a Scaled Weight Standardized conv (normbench.norms.weight.
-  ScaledWSConv2d: W_hat = gain (W - mean) / sqrt(max(var fan_in, 1e-4)), learnable gain
+* every convolution is a Scaled Weight Standardized conv (normbench.norms.
+  weight_standardization.ScaledWSConv2d: W_hat = gain (W - mean) / sqrt(max(var fan_in, 1e-4)), learnable gain
   (init 1) and bias (init 0));
 * residual blocks compute h_{i+1} = h_i + alpha * s_i * f_i(h_i / beta_i) (Eq. 2 of the
   paper), alpha = ``norm.nf_alpha`` (0.2), s_i a learnable scalar gain initialised to 0
@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.models import ARCH_OVERRIDES
-from normbench.norms.weight import ScaledReLU, ScaledWSConv2d
+from normbench.models.resnet import DEPTHS
+from normbench.norms.weight_standardization import ScaledReLU, ScaledWSConv2d
 
-DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}  # as resnet.py (no import: cycle)
 CLASSIFIER_STD = 0.01
 
 
@@ -104,6 +103,3 @@ class NFResNet(nn.Module):
 
 def nf_resnet(cfg) -> NFResNet:
     return NFResNet(cfg)
-
-
-ARCH_OVERRIDES["nf"] = nf_resnet

@@ -1,0 +1,7 @@
+"""The command line: one thin module per command (parse, call the library, print, exit).
+
+app.py      the command group: one-line usage errors, fail(), --version
+train.py    normbench train          data.py     normbench data prepare
+sweep.py    normbench sweep          report.py   normbench report
+analyze.py  normbench analyze        main.py     the executable: every command registered
+"""

@@ -1,0 +1,48 @@
+"""Test-set evaluation of a model, and the finiteness check of its buffers."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False, dist_ctx=None) -> dict:
+    """Test loss and accuracy over the whole test set. ``train_mode`` uses each test batch's
+    own statistics (BN-like layers) without touching the running statistics. Under torchrun
+    each rank takes every world_size-th test batch and the sums are all-reduced."""
+    from normbench.distributed import DistContext, all_reduce_sum
+
+    dist_ctx = dist_ctx or DistContext()
+    saved = None
+    if train_mode:
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train(train_mode)
+    loss_sum = torch.zeros((), device=data.test_y.device)
+    correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
+    n = len(data.test_y)
+    usable = n - (n % batch_size) if train_mode and n >= batch_size else n
+    for start in range(dist_ctx.rank * batch_size, usable, batch_size * dist_ctx.world_size):
+        x = normalize(data.test_x[start:start + batch_size])
+        y = data.test_y[start:start + batch_size]
+        out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    if saved is not None:
+        model.load_state_dict(saved)
+    model.train()
+    totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), dist_ctx).tolist()
+    return {"loss": totals[0] / usable, "acc": totals[1] / usable}
+
+
+def buffers_finite(model: nn.Module) -> Optional[str]:
+    """Name of the first buffer (e.g. a BN running variance) that is not finite, or None."""
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not torch.isfinite(buf).all():
+            return name
+    return None
+

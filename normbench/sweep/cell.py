@@ -1,0 +1,256 @@
+"""Running a task inside a worker: lock the cell, judge its folder again under the lock, then
+train it with :func:`normbench.training.entry.train` (one cell) or :func:`normbench.training.packed.train_packed`
+(a pack), its output going to the cell's ``train.log``. A failing run is recorded, never raised.
+
+The engine resumes from a checkpoint and never re-trains a completed run. A cell held by
+another sweep process comes back ``locked``: the executor defers it and waits for it at the
+end; if that process completes it, it counts as done; if it dies, this sweep resumes it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+from normbench.config import RunConfig
+from normbench.errors import OtherDataError, UserError
+from normbench.runlock import LOCK_NAME
+from normbench.sweep.state import TRAIN_LOG, CellLock, RunRecord, judge_run, safe_summary, sweep_remedy
+from normbench.sweep.tasks import CellResult, CellTask, PackTask, Task
+
+if TYPE_CHECKING:
+    from normbench.tracking import RunDir
+
+ATTEMPT_MARK = "=== normbench sweep: training"
+
+Notify = Callable[..., None]  # notify("start", index, total_steps, done_steps) / ("step", index, step)
+
+
+@contextmanager
+def redirect_output(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` (append)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def cell_progress(notify: Optional[Notify], index: int):
+    """The engine's progress for a cell: plain lines into its train.log, step counts to ``notify``."""
+    from normbench.progress import PlainProgress
+
+    class CellProgress(PlainProgress):
+        """Plain lines into the cell's train.log, and step counts to the sweep's parent."""
+
+        def __init__(self):
+            super().__init__(every_s=30.0, stream=sys.stdout)
+            self._sent = 0.0
+
+        def start(self, run_name, total_steps, done_steps, steps_per_epoch):
+            super().start(run_name, total_steps, done_steps, steps_per_epoch)
+            if notify:
+                notify("start", index, total_steps, done_steps)
+
+        def update(self, step, metrics):
+            super().update(step, metrics)
+            now = time.monotonic()
+            if notify and now - self._sent > 0.5:
+                self._sent = now
+                notify("step", index, step)
+
+    return CellProgress()
+
+
+def decide_cell(record: RunRecord, task: CellTask) -> str:
+    """What to do with a cell whose lock this process holds: refuse | skip | fresh | resume."""
+    if record.state == "other-data":
+        return "refuse"
+    if record.complete:
+        if task.mode != "force":
+            return "skip"
+        if (task.run_dir / "summary.json").stat().st_mtime >= task.since:
+            return "skip"  # a concurrent --force sweep redid it
+    if record.state in ("failed", "diverged") and record.problem is None and task.mode == "normal":
+        return "skip"  # recorded result; --rerun-failed redoes it
+    if task.mode == "force" or (task.mode == "rerun" and record.state in ("failed", "diverged")):
+        return "fresh"
+    return "resume"
+
+
+def decide_member(record: RunRecord, task: CellTask) -> str:
+    """What to do with a pack member whose lock this process holds: refuse | skip | train.
+    A completed member is skipped in every mode, ``--force`` included (a lone cell under
+    ``--force`` is skipped only when a concurrent ``--force`` sweep redid it)."""
+    if record.state == "other-data":
+        return "refuse"
+    if record.complete or (record.state in ("failed", "diverged") and record.problem is None
+                           and task.mode == "normal"):
+        return "skip"
+    return "train"
+
+
+def run_cell(task: Task, notify: Optional[Notify] = None,
+             should_stop: Callable[[], bool] = lambda: False) -> CellResult:
+    """Lock, re-check and train one cell (or a pack of cells); never raises for a failing run."""
+    from normbench.tracking import RunDir
+
+    if isinstance(task, PackTask):
+        return run_pack(task, notify)
+    run_dir = RunDir(task.run_dir)
+    run_dir.create()
+    lock = CellLock(run_dir.path / LOCK_NAME)
+    if not lock.acquire(task.wait, should_stop):
+        return CellResult.of(task, "locked", holder=lock.holder())
+    try:
+        record = judge_run(task.config, check_data=task.mode != "force")
+        action = decide_cell(record, task)
+        if action == "refuse":
+            return CellResult.of(task, "refused", record.summary, error=str(record.refusal))
+        if action == "skip":
+            return CellResult.of(task, "skipped", record.summary)
+        return train_cell(task, run_dir, action == "fresh", notify)
+    finally:
+        lock.release()
+
+
+def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[Notify]) -> CellResult:
+    """Train (or resume) one locked cell, its output appended to its train.log."""
+    cfg = task.config
+    log = run_dir.path / TRAIN_LOG
+    with redirect_output(log):
+        print(f"\n{ATTEMPT_MARK} {task.name} (pid {os.getpid()} on {socket.gethostname()}, "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {'fresh' if fresh else 'resume if possible'}, "
+              f"{cfg.threads} thread(s))", flush=True)
+        try:
+            from normbench.training.entry import train
+
+            summary = train(cfg, fresh=fresh, progress=cell_progress(notify, task.index))
+        except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
+            if isinstance(err, UserError):
+                err = sweep_remedy(err)
+            if isinstance(err, OtherDataError):  # another run's results: left as they are, nothing recorded
+                print(str(err), flush=True)
+                return CellResult.of(task, "refused", error=str(err))
+            text = f"{err}\n" if isinstance(err, UserError) else traceback.format_exc()  # a user error: its one line
+            print(text, flush=True)
+            summary, _ = safe_summary(run_dir.path)
+            if summary is None or summary.get("status") != "failed" or not run_dir.error_log.exists():
+                run_dir.error_log.write_text(text)
+                summary = failed_summary(cfg, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                                         run_dir)
+                run_dir.write_summary(summary)
+            one_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return CellResult.of(task, "trained", summary, error=one_line)
+        print(f"=== {summary['status']} after {summary.get('steps')} steps", flush=True)
+    return CellResult.of(task, "trained", summary)
+
+
+def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
+    """Train the member cells of a pack task as one packed network (normbench.training.packed).
+
+    Every member is locked first; members held by another process or already recorded are
+    left out (a pack of one trains alone). The packed training writes each member's own run
+    folder; its output goes to every member's train.log. Returns the lead member's result
+    with all members' results under ``members``."""
+    locks: list = []
+    results: list[CellResult] = []
+    try:
+        members = _claim_members(task, locks, results)
+        if len(members) == 1:
+            member, run_dir = members[0]
+            results.append(train_cell(member, run_dir, member.mode == "force", notify))
+        elif members:
+            results.extend(_train_packed(members, notify))
+    finally:
+        for lock in locks:
+            lock.release()
+    lead = next((r for r in results if r.index == task.index), results[0])
+    outcome = "trained" if any(r.outcome == "trained" for r in results) else lead.outcome
+    return lead.with_members(outcome, results)
+
+
+def _claim_members(task: PackTask, locks: list, results: list[CellResult]) -> list[tuple[CellTask, RunDir]]:
+    """Lock every member (each lock into ``locks``); the members to train, with their run
+    folders. The others' results (locked, refused, skipped) go into ``results``."""
+    from normbench.tracking import RunDir
+
+    members = []
+    for member in task.members:
+        run_dir = RunDir(member.run_dir)
+        run_dir.create()
+        lock = CellLock(run_dir.path / LOCK_NAME)
+        if not lock.acquire(False):
+            results.append(CellResult.of(member, "locked", holder=lock.holder()))
+            continue
+        locks.append(lock)
+        record = judge_run(member.config, check_data=member.mode != "force")
+        action = decide_member(record, member)
+        if action == "refuse":
+            results.append(CellResult.of(member, "refused", record.summary, error=str(record.refusal)))
+        elif action == "skip":
+            results.append(CellResult.of(member, "skipped", record.summary))
+        else:
+            members.append((member, run_dir))
+    return members
+
+
+def _train_packed(members: list[tuple[CellTask, RunDir]], notify: Optional[Notify]) -> list[CellResult]:
+    """Train two or more locked members as one network; their results."""
+    from normbench.training.packed import train_packed
+
+    fresh = any(m.mode == "force" for m, _ in members)
+    log = members[0][1].path / TRAIN_LOG
+    names = ", ".join(m.name for m, _ in members)
+    results = []
+    with redirect_output(log):
+        print(f"\n{ATTEMPT_MARK} packed x{len(members)}: {names} (pid {os.getpid()}, "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+        try:
+            summaries = train_packed([m.config for m, _ in members],
+                                     progress=cell_progress(notify, members[0][0].index), fresh=fresh)
+        except OtherDataError as err:  # a member's checkpoint: leave every folder as it is
+            err = sweep_remedy(err)
+            print(str(err), flush=True)
+            return [CellResult.of(member, "refused", error=str(err)) for member, _ in members]
+        except Exception as err:  # noqa: BLE001 - record every member as failed, go on
+            text = traceback.format_exc()
+            why = type(err).__name__
+            if isinstance(err, UserError):
+                why = str(sweep_remedy(err))
+                text = why + "\n"
+            print(text, flush=True)
+            summaries = []
+            for member, run_dir in members:
+                run_dir.write_error_log(text)
+                run_dir.write_summary(failed_summary(member.config, f"packed training failed: {why}", run_dir))
+                summaries.append(run_dir.read_summary())
+    for (member, run_dir), summary in zip(members, summaries):
+        if run_dir.path / TRAIN_LOG != log:
+            with open(run_dir.path / TRAIN_LOG, "a") as f:
+                f.write(f"\n{ATTEMPT_MARK} packed with {names}: see {log}\n=== {summary.get('status')}\n")
+        results.append(CellResult.of(member, "trained", summary))
+    return results
+
+
+def failed_summary(cfg: RunConfig, note: str, run_dir: RunDir) -> dict:
+    """The summary recorded for a run that failed before the engine could write its own."""
+    return {"status": "failed", "run_name": cfg.run_name, "run_id": cfg.config_hash(), "final_test_acc": None,
+            "best_test_acc": None, "steps": 0, "note": note, "error_log": str(run_dir.error_log),
+            "config": cfg.to_dict()}
