@@ -1,4 +1,4 @@
-from normbench.cli.main import main
+from normbench.cli import main
 
 if __name__ == "__main__":
     main()

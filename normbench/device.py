@@ -8,7 +8,7 @@ probe and offline analysis all build their models through it.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -17,23 +17,88 @@ from normbench.config import RunConfig
 from normbench.errors import UserError
 
 
+def _cuda_state() -> tuple[bool, str]:
+    """(CUDA usable, why not): torch warns and says False when the driver is too old; the
+    warning is the reason."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    if ok:
+        return True, ""
+    why = next((str(w.message).splitlines()[0] for w in caught if "CUDA" in str(w.message)), "")
+    return False, why or "no CUDA device or driver"
+
+
+def unsupported_gpu(index: int) -> Optional[str]:
+    """Why this torch build cannot run kernels on CUDA device ``index`` (None: it can): its
+    compute capability is below every architecture the wheel was built for."""
+    arches = [a for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+    if not arches:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    lowest = min(int(a[3:]) for a in arches)
+    if major * 10 + minor >= lowest:
+        return None
+    name = torch.cuda.get_device_name(index)
+    return (f"{name} (sm_{major}{minor}) is older than this torch build supports (sm_{lowest} and newer: "
+            f"{', '.join(arches)})")
+
+
 def resolve_device(spec: str) -> torch.device:
-    """``auto``: CUDA, then MPS, then the CPU; an explicit device that is absent is a UserError."""
+    """``auto``: a CUDA GPU this torch build can drive, then MPS, then the CPU; an explicit
+    device that is absent or unusable is a UserError (see :func:`device_line` for the why)."""
     if spec == "auto":
-        if torch.cuda.is_available():
+        if _cuda_state()[0] and unsupported_gpu(0) is None:
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"device: got '{spec}' but CUDA is not available on this machine; use device=cpu or auto")
+        ok, why = _cuda_state()
+        if not ok:
+            raise UserError(f"device: got '{spec}' but CUDA is not available on this machine ({why}); "
+                            "use device=cpu or auto")
         index = int(spec.split(":")[1]) if ":" in spec else 0
         if index >= torch.cuda.device_count():
             raise UserError(f"device: got '{spec}' but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        why = unsupported_gpu(index)
+        if why is not None:
+            raise UserError(f"device: got '{spec}' but {why}; install a torch wheel built for it, or use device=cpu")
     if spec == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("device: got 'mps' but MPS is not available on this machine; use device=cpu or auto")
     return torch.device(spec)
+
+
+def device_line(spec: str, device: torch.device) -> str:
+    """One line for the start of a run: the device chosen and why."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        what = f"{device} ({torch.cuda.get_device_name(index)}, sm_{major}{minor}; torch {torch.__version__}, " \
+               f"CUDA {torch.version.cuda})"
+    else:
+        what = str(device)
+    if spec != "auto":
+        return f"device: {what} (as configured)"
+    if device.type == "cuda":
+        return f"device: {what} (auto: a CUDA GPU this torch build supports)"
+    ok, why = _cuda_state()
+    if ok:
+        why = unsupported_gpu(0) or "not chosen"
+    return f"device: {what} (auto: CUDA not used: {why}" + ("; MPS available)" if device.type == "mps" else ")")
+
+
+def check_amp(cfg: RunConfig, device: torch.device) -> None:
+    """bf16 autocast only where the device computes bf16 natively (emulated bf16 is slow and
+    not what the run asks to measure)."""
+    if cfg.train.amp != "bf16" or device.type != "cuda":
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"train.amp: got 'bf16' but {name} has no native bf16 (it would be emulated); "
+                        "use train.amp=none")
 
 
 def prepare_kernels(device: torch.device) -> bool:
@@ -48,11 +113,17 @@ def prepare_kernels(device: torch.device) -> bool:
 
 
 def use_channels_last(cfg: RunConfig, device: torch.device, kernels: bool) -> bool:
-    """``train.channels_last``, or under ``auto`` the scheme's measured preference; schemes whose
-    channels_last speed depends on the fused CPU kernels run NCHW on a CPU without them
-    (``kernels``: whether they are loaded, see :func:`prepare_kernels`)."""
+    """``train.channels_last``, or under ``auto``: on a CPU the scheme's measured preference
+    (schemes whose channels_last speed depends on the fused CPU kernels run NCHW on a CPU
+    without them; ``kernels``: whether they are loaded, see :func:`prepare_kernels`); on a GPU
+    channels_last under bf16 autocast only."""
     if cfg.train.channels_last != "auto":
         return bool(cfg.train.channels_last)
+    if device.type != "cpu":
+        # off the CPU the CPU's measurements do not apply: channels_last where the convolutions
+        # run on tensor cores (bf16 autocast), PyTorch's default NCHW in float32
+        # (scripts/gpu_check.sh times both formats on the GPU it runs on)
+        return cfg.train.amp == "bf16"
     from normbench.norms import get_scheme
 
     scheme = get_scheme(cfg.norm.kind)

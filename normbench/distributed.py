@@ -41,13 +41,24 @@ def launched_by_torchrun() -> bool:
 
 
 def init_from_env(device: torch.device) -> DistContext:
-    """Join the process group torchrun describes in the environment (no-op when alone)."""
+    """Join the process group torchrun describes in the environment (no-op when alone). On
+    CUDA each process first takes the GPU of its local rank (NCCL binds a process group to the
+    current device), and a local rank without a GPU of its own is one line, not a hang."""
     if not launched_by_torchrun():
         return DistContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            from normbench.errors import UserError
+
+            raise UserError(f"--nproc: {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
+                            f"machine but it has {count} CUDA device(s); one process per GPU")
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def local_device(device: torch.device, ctx: DistContext) -> torch.device:

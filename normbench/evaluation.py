@@ -1,4 +1,8 @@
-"""Test-set evaluation of a model, and the finiteness check of its buffers."""
+"""Test-set evaluation of a model, and the finiteness check of its buffers.
+
+Sums over the test set are taken in float64 where the device has it, and in float32 on
+Apple's MPS, which has no float64 (:func:`sum_dtype`).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+NO_FLOAT64 = {"mps"}  # device types without float64
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of accumulated sums on ``device``: float64, except where the device has none."""
+    return torch.float32 if device.type in NO_FLOAT64 else torch.float64
 
 
 @torch.no_grad()
@@ -35,7 +45,8 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     if saved is not None:
         model.load_state_dict(saved)
     model.train()
-    totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]), dist_ctx).tolist()
+    wide = sum_dtype(loss_sum.device)
+    totals = all_reduce_sum(torch.stack([loss_sum.to(wide), correct.to(wide)]), dist_ctx).tolist()
     return {"loss": totals[0] / usable, "acc": totals[1] / usable}
 
 

@@ -385,7 +385,7 @@ def test_dead_units_see_the_tlu_floors_of_an_frn_network():
 def test_analyze_command_updates_the_summary(bn_b2_run, tmp_path):
     from typer.testing import CliRunner
 
-    from normbench.cli.main import app
+    from normbench.cli import app
 
     cfg, trained = bn_b2_run
     run = cfg.run_dir()

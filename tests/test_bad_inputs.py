@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from normbench.cli.main import app
+from normbench.cli import app
 
 runner = CliRunner()
 

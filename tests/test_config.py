@@ -8,7 +8,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from normbench.cli.main import app
+from normbench.cli import app
 from normbench.config import load_config, parse_overrides
 from normbench.errors import UserError
 
@@ -111,7 +111,7 @@ def test_print_config_and_dry_run():
 
 def test_help_is_fast_and_does_not_import_torch():
     code = ("import sys, time; t=time.perf_counter(); sys.argv=['normbench','--help']\n"
-            "from normbench.cli.main import main\n"
+            "from normbench.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
             "print('ELAPSED', time.perf_counter()-t)")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from normbench import data as D
 from normbench.training import entry
-from normbench.cli.main import app
+from normbench.cli import app
 from normbench.errors import UserError
 from normbench.tracking import CHECKPOINT_DIGEST_KEY, RunDir, dumps_json
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from normbench.cli.main import app
+from normbench.cli import app
 from normbench.report.build import build_report
 from normbench.report.plots import plot
 from normbench.report.render import parse_formats, to_csv, to_markdown

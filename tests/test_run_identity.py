@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from conftest import KillAfterStep, REPO, SimulatedKill, run_cli, tiny_overrides
 from normbench.progress import Progress
 from normbench.training import entry
-from normbench.cli.main import app
+from normbench.cli import app
 from normbench.config import load_config, parse_overrides
 from normbench.data import present_identity, synthetic_cifar
 from normbench.errors import OtherDataError, UserError

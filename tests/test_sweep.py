@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import REPO, run_cli
-from normbench.cli.main import app
+from normbench.cli import app
 from normbench.errors import UserError
 from normbench.sweep.cell import ATTEMPT_MARK
 from normbench.sweep.spec import expand_grid, load_sweep, parse_axes

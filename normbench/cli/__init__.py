@@ -3,5 +3,8 @@
 app.py      the command group: one-line usage errors, fail(), --version
 train.py    normbench train          data.py     normbench data prepare
 sweep.py    normbench sweep          report.py   normbench report
-analyze.py  normbench analyze        main.py     the executable: every command registered
+analyze.py  normbench analyze        program.py  the executable: every command registered
 """
+from normbench.cli.program import app, main  # the console script is normbench.cli:main
+
+__all__ = ["app", "main"]

@@ -1,7 +1,7 @@
 """The ``normbench`` command group: one-line usage errors, ``fail``, ``--version``.
 
 Every command lives in its own module of this package and registers itself on :data:`app`;
-:mod:`normbench.cli.main` imports them all. Exit statuses: 0 success; 1 a run diverged or
+:mod:`normbench.cli.program` imports them all. Exit statuses: 0 success; 1 a run diverged or
 failed; 2 a user mistake (one line on stderr, never a traceback); 130 / 143 interrupted by
 SIGINT / SIGTERM (checkpoint written). Heavy modules (torch) are imported inside the commands
 so that ``--help`` stays fast.

@@ -3,6 +3,7 @@
 user mistake, one line; 130 / 143 interrupted)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -48,6 +49,11 @@ def sweep(
         from normbench.config import parse_overrides
 
         spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
+        if backend == "local" or address is None:  # cells train on this machine: their devices must exist here
+            sw.check_devices(spec.cells)
+        if backend == "ray" and gpus_per_cell == 0 and any(c.cfg.device.startswith("cuda") for c in spec.cells):
+            raise UserError("--gpus-per-cell: cells train on cuda but their Ray tasks would see no GPU; "
+                            "give each a share, e.g. --gpus-per-cell 1")
         if not dry_run:  # before planning: a recorded cell counts as done only on the data it was made on
             sw.ensure_data(spec, log=lambda m: typer.echo(m, err=True))
         n_workers, n_threads = sw.local_layout(0, workers, threads, spec.cells)
@@ -70,10 +76,11 @@ def sweep(
                         + f" × {n_threads} thread(s)")
         if backend == "ray":
             executor = sw.RayExecutor(address, n_threads, gpus_per_cell, display,
-                                      local_cpus=n_workers * n_threads)
+                                      local_cpus=sw.ray_local_cpus(n_workers, n_threads, gpus_per_cell,
+                                                                   sw.cuda_device_count()))
         else:
-            executor = sw.LocalExecutor(n_workers, n_threads, display, cuda_devices=sw.cuda_device_count()
-                                        if any(c.cfg.device != "cpu" for c in spec.cells) else 0)
+            gpus = sw.worker_gpus(spec.cells, os.environ.get("CUDA_VISIBLE_DEVICES"), sw.cuda_device_count())
+            executor = sw.LocalExecutor(n_workers, n_threads, display, gpus=gpus)
         display.begin(len(plan.tasks), {t.index: t.cost for t in plan.tasks})
         try:
             results = executor.run(plan.tasks)

@@ -29,6 +29,10 @@ def train(
 ) -> None:
     """Train one run; resume it if it was interrupted; skip it if it already completed."""
     if nproc > 1:
+        try:
+            _check_processes(nproc, config, set_)
+        except UserError as err:
+            fail(str(err))
         _launch_torchrun(nproc, config, set_, fresh, no_progress, wait)
         return
     try:
@@ -57,6 +61,20 @@ def train(
         raise typer.Exit(summary["exit_code"])
     if summary["status"] != "completed":
         raise typer.Exit(1)
+
+
+def _check_processes(nproc: int, config, set_) -> None:
+    """Before launching: the config is valid, and on CUDA there is a GPU for every process."""
+    from normbench.config import load_config
+    from normbench.device import resolve_device
+
+    device = resolve_device(load_config(config, set_).device)
+    if device.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise UserError(f"--nproc: got {nproc} but this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s); one process per GPU")
 
 
 def _launch_torchrun(nproc: int, config, set_, fresh: bool, no_progress: bool, wait: bool = False) -> None:

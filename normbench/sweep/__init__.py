@@ -23,13 +23,13 @@ Below, the names the ``normbench sweep`` command uses.
 """
 from normbench.sweep.display import fmt_duration, make_display
 from normbench.sweep.estimate import estimate
-from normbench.sweep.layout import cuda_device_count, local_layout
+from normbench.sweep.layout import cuda_device_count, local_layout, ray_local_cpus, worker_gpus
 from normbench.sweep.local import LocalExecutor
 from normbench.sweep.plan import ensure_data, plan_sweep, write_manifest
 from normbench.sweep.ray_backend import RayExecutor
-from normbench.sweep.spec import load_sweep
+from normbench.sweep.spec import check_devices, load_sweep
 from normbench.sweep.state import cell_state, log_path, safe_summary
 
-__all__ = ["LocalExecutor", "RayExecutor", "cell_state", "cuda_device_count", "ensure_data", "estimate",
-           "fmt_duration", "load_sweep", "local_layout", "log_path", "make_display", "plan_sweep", "safe_summary",
-           "write_manifest"]
+__all__ = ["LocalExecutor", "RayExecutor", "cell_state", "check_devices", "cuda_device_count", "ensure_data", "estimate",
+           "fmt_duration", "load_sweep", "local_layout", "log_path", "make_display", "plan_sweep", "ray_local_cpus",
+           "safe_summary", "worker_gpus", "write_manifest"]

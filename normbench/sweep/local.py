@@ -10,10 +10,11 @@ import sys
 import time
 import traceback
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from normbench.sweep.cell import run_cell
 from normbench.sweep.display import SweepDisplay
+from normbench.sweep.layout import GpuSlots
 from normbench.sweep.signals import install_interrupt_handler, restore_signal_handlers
 from normbench.sweep.tasks import CellResult, Task, waiting
 
@@ -92,8 +93,9 @@ class LocalExecutor:
 
     LOST_AFTER_S = 5.0  # a queued cell no idle worker claimed by then was lost with a dead worker
 
-    def __init__(self, workers: int, threads: int, display: SweepDisplay, cuda_devices: int = 0):
-        self.workers, self.threads, self.display, self.cuda_devices = workers, threads, display, cuda_devices
+    def __init__(self, workers: int, threads: int, display: SweepDisplay, gpus: Sequence[str] = ()):
+        self.workers, self.threads, self.display = workers, threads, display
+        self.gpus = list(gpus)  # one of these per worker (layout.worker_gpus); empty: no GPU pinning
         self.interrupted = False
         self.exit_code = 130  # when interrupted: 130 SIGINT, 143 SIGTERM
         self.signalled: Optional[int] = None  # the signal that asked the sweep to stop
@@ -145,6 +147,7 @@ class _LocalRun:
         self.counter = itertools.count()
         self.respawns = 0
         self.stopping = False
+        self.gpu_slots = GpuSlots(executor.gpus, self.n_workers)
 
     def start_workers(self) -> None:
         for _ in range(self.n_workers):
@@ -152,7 +155,7 @@ class _LocalRun:
 
     def spawn(self) -> None:
         wid = next(self.counter)
-        dev = str(wid % self.ex.cuda_devices) if self.ex.cuda_devices > 1 else None
+        dev = self.gpu_slots.take(wid)
         p = self.ctx.Process(target=worker_main, daemon=True, name=f"normbench-sweep-worker-{wid}",
                              args=(wid, self.task_q, self.result_q, self.ex.threads, os.getpid(), dev))
         p.start()
@@ -249,6 +252,7 @@ class _LocalRun:
                 continue
             self.procs.pop(wid)
             self.state.pop(wid, None)
+            self.gpu_slots.release(wid)
             index = self.claims.pop(wid, None)
             if index is not None:
                 self.record(index, CellResult.crashed(

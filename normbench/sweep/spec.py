@@ -293,3 +293,19 @@ def preflight_cells(cells: list[Cell]) -> None:
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"{where}: the model fails a forward pass at batch {batch}: {first}") from None
+
+
+def check_devices(cells: list[Cell]) -> None:
+    """Every device the cells name exists on this machine (``device: cuda`` without CUDA, or
+    ``cuda:3`` on a two-GPU machine, is one line before any cell starts)."""
+    from normbench.device import resolve_device
+
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.cfg.device in seen:
+            continue
+        seen.add(cell.cfg.device)
+        try:
+            resolve_device(cell.cfg.device)
+        except UserError as err:
+            raise UserError(f"sweep cell {cell.index} '{cell.name}': {err}") from None

@@ -98,7 +98,7 @@ def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = No
     reused. A run that fails before it has started leaves no folder behind.
     Under torchrun every rank calls this; only rank 0 writes the run folder."""
     from normbench.device import resolve_device
-    from normbench.distributed import init_from_env, local_device
+    from normbench.distributed import init_from_env, local_device, shutdown
 
     dist_ctx = init_from_env(resolve_device(cfg.device))
     progress = progress if (progress is not None and dist_ctx.is_main) else Progress()
@@ -115,16 +115,19 @@ def train(cfg: RunConfig, fresh: bool = False, progress: Optional[Progress] = No
         raise
     finally:
         lock.release()
+        shutdown(dist_ctx)
 
 
 def _train_locked(cfg: RunConfig, fresh: bool, progress: Progress, dist_ctx, run_dir: RunDir,
                   started: list) -> dict:
-    from normbench.data import data_identity
+    from normbench.data import data_identity, ensure_cifar10
     from normbench.distributed import barrier
 
     if fresh:
         run_dir.wipe()
-    barrier(dist_ctx)  # no rank reads the folder before rank 0 has wiped it
+    if dist_ctx.enabled and dist_ctx.is_main:  # rank 0 downloads or decodes the data; the others wait
+        ensure_cifar10(cfg.data.resolved_root(), cfg.data.allow_download, progress.message)
+    barrier(dist_ctx)  # no rank reads the folder before rank 0 has wiped it, nor the data before it is there
     existing = None if fresh else run_dir.read_summary()
     done = completed_result(run_dir, existing, cfg, lambda: data_identity(cfg.data, progress.message))
     if done is not None:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from normbench.evaluation import sum_dtype
+
 KEYS = ("loss", "correct", "norm", "clipped", "threshold")
 
 
@@ -69,8 +71,9 @@ class StepMetrics:
         if dist_ctx.enabled:
             from normbench.distributed import all_reduce_sum
 
-            shared = all_reduce_sum(stats[[0, 1, 6]].double(), dist_ctx)
-            stats = stats.double()
+            wide = sum_dtype(stats.device)
+            shared = all_reduce_sum(stats[[0, 1, 6]].to(wide), dist_ctx)
+            stats = stats.to(wide)
             stats[0], stats[1], stats[6] = shared[0] / dist_ctx.world_size, shared[1], shared[2]
         values = stats.tolist()
         first_bad = None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from normbench.config import RunConfig, dump_config
 from normbench.errors import UserError
+from normbench.evaluation import sum_dtype
 from normbench.progress import Progress
 from normbench.training.loop import train_loop
 from normbench.training.packing import pack_key, pack_models, unpack_state, unpack_tensor, why_not_packable
@@ -129,7 +130,8 @@ class PackedStepper:
         batch_size = self.cfg.train.eval_batch_size
         self.model.eval()
         data = lead.data
-        loss = torch.zeros(self.k, device=self.device, dtype=torch.float64)
+        wide = sum_dtype(self.device)
+        loss = torch.zeros(self.k, device=self.device, dtype=wide)
         correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
         n = len(data.test_y)
         for start in range(0, n, batch_size):
@@ -137,7 +139,7 @@ class PackedStepper:
             y = data.test_y[start:start + batch_size]
             out = self.model(x.contiguous(memory_format=lead.normalize.memory_format))
             yk = y[:, None].expand(-1, self.k)
-            loss += F.cross_entropy(out.transpose(1, 2).float(), yk, reduction="none").sum(0).double()
+            loss += F.cross_entropy(out.transpose(1, 2).float(), yk, reduction="none").sum(0).to(wide)
             correct += (out.argmax(2) == yk).sum(0)
         self.model.train()
         return [{"loss": float(l) / n, "acc": int(c) / n} for l, c in zip(loss.tolist(), correct.tolist())]
@@ -149,7 +151,7 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None, fre
     Completed members are skipped; the rest must start from the same step (all new, or all
     resumed from checkpoints at the same step), otherwise each trains alone."""
     from normbench.data import data_identity, load_cifar10
-    from normbench.device import resolve_device
+    from normbench.device import device_line, resolve_device
     from normbench.tracking import RunDir
     from normbench.training.entry import train
 
@@ -180,6 +182,7 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None, fre
         return [summaries[i] for i in range(len(cfgs))]
     lead_cfg = cfgs[todo[0]]
     device = resolve_device(lead_cfg.device)
+    progress.message(device_line(lead_cfg.device, device))
     if lead_cfg.threads:
         torch.set_num_threads(lead_cfg.threads)
     data = load_cifar10(lead_cfg.data, log=progress.message).to(device)

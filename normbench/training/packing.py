@@ -10,7 +10,9 @@ weight decay act element-wise, so a packed member follows the same trajectory as
 run trained alone (up to float rounding from different kernel blocking).
 
 Packable: the schemes whose layers are per-channel or grouped (bn, ghost_bn, gn, ln, in,
-frn without learned eps, none) with clip modes none and norm, and neither the lr-mode
+frn without learned eps, none) with clip modes none and norm, in float32 (no ``train.amp``),
+eager (``train.compile`` auto or none: a run alone may compile, a packed network does not;
+its members' summaries say ``compiled: null``), and neither the lr-mode
 landscape probe nor activation histograms (both read each training step's own batch and
 gradient); :func:`why_not_packable` says why a config is not. The training of packed runs is
 :mod:`normbench.training.packed`.
@@ -167,6 +169,10 @@ def why_not_packable(cfg: RunConfig) -> Optional[str]:
         return "frn with learn_eps has a per-layer scalar"
     if cfg.clip.mode not in PACKABLE_CLIP:
         return f"clip mode '{cfg.clip.mode}' is not per-member yet"
+    if cfg.train.amp != "none":
+        return f"train.amp={cfg.train.amp}: a packed network trains in float32"
+    if cfg.train.compile not in ("auto", "none"):
+        return f"train.compile={cfg.train.compile}: a packed network trains eager"
     a = cfg.analysis
     if a.probe and a.probe_mode != "fixed":
         return "the lr-mode landscape probe reads each training step's own gradient (probe_mode fixed packs)"

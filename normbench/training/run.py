@@ -49,13 +49,17 @@ class Run:
         from normbench.analysis.hooks import make_analysis
         from normbench.clip import make_clipper
         from normbench.data import Normalizer, load_cifar10
-        from normbench.device import build_model_on, resolve_device
+        from normbench.device import build_model_on, check_amp, device_line, resolve_device
         from normbench.distributed import DistContext, local_device
         from normbench.training.optim import build_optimizer
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self.dist = dist_ctx or DistContext()
         self.device = local_device(resolve_device(cfg.device), self.dist)
+        check_amp(cfg, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest algorithms once
+        progress.message(device_line(cfg.device, self.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)

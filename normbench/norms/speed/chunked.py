@@ -28,21 +28,29 @@ KERNEL_PATH_MAX_NUMEL = 1 << 17  # Batch Renorm: PyTorch's BN kernel up to this 
 
 
 class Chunks:
-    """Chunk bookkeeping for a batch split into consecutive chunks: (K, B) matrices."""
+    """Chunk bookkeeping for a batch split into consecutive chunks: (K, B) matrices, made on
+    the batch's device from shapes and Python integers only (no host tensor: under
+    torch.compile on a GPU a host-made table would be a copy and a sync every step)."""
 
     def __init__(self, sizes: list[int], device, dtype):
-        k, b = len(sizes), sum(sizes)
-        member = torch.zeros(k, b, dtype=dtype)
-        start = 0
-        for j, n in enumerate(sizes):
-            member[j, start:start + n] = 1.0
+        ids = torch.arange(sum(sizes), device=device)
+        rows, start = [], 0
+        for n in sizes:
+            rows.append(((ids >= start) & (ids < start + n)).to(dtype))
             start += n
         self.sizes = sizes
-        self.member = member.to(device)  # (K, B) 0/1
-        self.count = torch.tensor(sizes, dtype=dtype).to(device)  # (K,)
+        self.member = torch.stack(rows)  # (K, B) 0/1
+        self.count = self.member.sum(1)  # (K,) the chunk sizes (sums of ones: exact)
         self.average = self.member / self.count[:, None]  # (K, B) rows sum to 1
         self.expand = self.member.t().contiguous()  # (B, K): chunk value -> each sample
-        self.starts = native.chunk_starts(sizes)  # (K + 1,) int64 offsets, for the fused kernels
+        self._starts = None
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """(K + 1,) int64 offsets in host memory, for the fused CPU kernels only."""
+        if self._starts is None:
+            self._starts = native.chunk_starts(self.sizes)
+        return self._starts
 
 
 class ChunkedLayer:
@@ -71,8 +79,8 @@ class ChunkedLayer:
 
 def no_autocast(x: torch.Tensor):
     """A context with autocast off for x's device (a no-op context when it is not on: entering
-    torch.autocast costs ~10 us, which shows at batch 2)."""
-    if torch.is_autocast_enabled(x.device.type):
+    torch.autocast costs ~10 us, which shows at batch 2). The meta device has no autocast."""
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -100,6 +100,12 @@ def moments(x: torch.Tensor, groups: Optional[int] = None, eps: float = 0.0):
     if x.device.type == "cpu" and x.is_contiguous():
         _, mean, rstd = torch.native_group_norm(x, None, None, b, c, x.shape[2] * x.shape[3], g, eps)
         return mean, rstd
+    if x.device.type != "cpu" and x.dim() == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        # the (B, H*W, G, C/G) view of channels_last memory: reduced in place, not copied to NCHW
+        view = x.permute(0, 2, 3, 1).reshape(b, x.shape[2] * x.shape[3], g, c // g)
+        var, mean = torch.var_mean(view, dim=(1, 3), unbiased=False)
+        return mean, torch.rsqrt(var + eps)
     var, mean = torch.var_mean(x.reshape(b, g, -1), dim=-1, unbiased=False)
     return mean, torch.rsqrt(var + eps)
 
