@@ -40,4 +40,14 @@ if [ ! -f "$venv/.normbench-deps" ] || [ "$(cat "$venv/.normbench-deps")" != "$d
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$repo" >&2
     echo "$deps" > "$venv/.normbench-deps"
 fi
+# the shared venv's command-line tools, run by this venv's python (so that Ray's workers import
+# this checkout's normbench): tensorboard and, with the ray extra, ray
+for tool in tensorboard:tensorboard.main ray:ray.scripts.scripts; do
+    name=${tool%%:*} module=${tool#*:}
+    if [ ! -x "$venv/bin/$name" ] && "$venv/bin/python" -c "import importlib.util, sys; \
+            sys.exit(importlib.util.find_spec('${module%%.*}') is None)" 2>/dev/null; then
+        printf '#!/usr/bin/env bash\nexec "%s" -m %s "$@"\n' "$venv/bin/python" "$module" > "$venv/bin/$name"
+        chmod +x "$venv/bin/$name"
+    fi
+done
 echo "$venv"

@@ -27,6 +27,8 @@ if importlib.util.find_spec("ray") is None:
     pytest.skip("ray is not installed (pip install -e '.[ray]'): these tests need a real Ray cluster",
                 allow_module_level=True)
 
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray cluster, one at a time
+
 # a cell of a second or two of CPU: ResNet-20 at width 0.25, 200 synthetic images, 1 epoch
 TINY = {"data.allow_download": False, "model.width": 0.25, "train.epochs": 1, "train.batch_size": 20,
         "train.log_every": 5, "optim.warmup_epochs": 0.5, "device": "cpu", "log.tensorboard": False}

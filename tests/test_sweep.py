@@ -322,6 +322,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_ray_backend_on_a_real_cluster(tmp_path, synth_root, ray_cluster):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"norm.kind": ["bn", "gn"]}, root=synth_root, out_dir=str(out))

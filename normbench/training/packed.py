@@ -182,10 +182,10 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None, fre
         return [summaries[i] for i in range(len(cfgs))]
     lead_cfg = cfgs[todo[0]]
     device = resolve_device(lead_cfg.device)
-    progress.message(device_line(lead_cfg.device, device))
     if lead_cfg.threads:
         torch.set_num_threads(lead_cfg.threads)
     data = load_cifar10(lead_cfg.data, log=progress.message).to(device)
+    progress.message(device_line(lead_cfg.device, device))
     members = []
     for idx in todo:
         cfg = cfgs[idx]

@@ -59,7 +59,6 @@ class Run:
         check_amp(cfg, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest algorithms once
-        progress.message(device_line(cfg.device, self.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -85,6 +84,7 @@ class Run:
         self.note: Optional[str] = None
         self.last_record: dict = {}
         self.tb: Optional[TensorBoardLog] = None
+        progress.message(device_line(cfg.device, self.device))  # once set up: a failed set-up says one line
 
     # -- what measurements see (normbench.analysis.hooks.RunView) ---------------------------------
     @property
