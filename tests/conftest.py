@@ -12,6 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first (in their order), then the rest: with pytest-xdist the
+    long tests start at once and the short ones fill in around them, instead of one long test
+    finishing alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A data root holding synthetic CIFAR-10 in the official layout (200 train, 100 test)."""
