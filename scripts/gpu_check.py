@@ -140,23 +140,21 @@ def packed(setup: Setup) -> str:
 
 
 def steps_per_s(setup: Setup, kind: str, batch: int, channels_last: bool, seconds: float = 3.0) -> float:
+    """normbench's own step (scripts/bench_throughput.py's engine_loop), 5 warm-up steps, then as
+    many as fit in ``seconds``."""
+    from bench_throughput import engine_loop
+
     cfg = setup.cfg(kind, f"train.batch_size={batch}", f"train.channels_last={str(channels_last).lower()}",
                     "model.width=1", out="speed")
-    run_dir = RunDir(cfg.run_dir())
-    run_dir.create()
-    stepper = solo_stepper(cfg, run_dir, Progress())
-    run = stepper.run
-    plan = EpochPlan(len(run.data.train_y), batch, 0, 0, True, run.device)
+    step, run = engine_loop(cfg)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    for i in range(5):
-        stepper.step([plan], i % plan.steps)
+    for _ in range(5):
+        step()
     sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        stepper.step([plan], n % plan.steps)
+        step()
         n += 1
-        if n % plan.steps == 0:
-            run.metrics.reduce(run.dist)  # keep the pending metrics short
     sync()
     return n / (time.perf_counter() - t0)
 

@@ -56,7 +56,7 @@ def test_a_packed_evaluation_makes_no_float64_on_a_device_without_it(tiny_cfg, m
     assert len(results) == 2 and all(0.0 <= r["acc"] <= 1.0 for r in results)
 
 
-def test_evaluation_sums_in_float64_where_the_device_has_it(tiny_cfg):
+def test_evaluation_sums_in_float64_where_the_device_has_it():
     assert evaluation.sum_dtype(torch.device("cpu")) == torch.float64
     assert evaluation.sum_dtype(torch.device("mps")) == torch.float32
 

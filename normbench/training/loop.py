@@ -47,8 +47,8 @@ def healthy(stepper: Stepper) -> list[Run]:
 
 def probe_due(stepper: Stepper) -> None:
     """Fixed-mode landscape probes due before this step, each on its run's current weights."""
-    due = [r for r in healthy(stepper)
-           if r.analysis is not None and r.analysis.next_probe_step == r.state.step]
+    due = [r for r in stepper.runs  # every step: the cheap test first
+           if r.analysis is not None and r.analysis.next_probe_step == r.state.step and r.healthy]
     if due:
         stepper.sync()
         for r in due:
@@ -66,9 +66,11 @@ class _Clocks:
         run.state.wall_time_s = time.perf_counter() - self.starts[id(run)]
 
 
-def _save(stepper: Stepper, clocks: _Clocks) -> float:
-    """Checkpoint every healthy run; returns the time of the save."""
-    stepper.sync()
+def _save(stepper: Stepper, clocks: _Clocks, synced: bool = False) -> float:
+    """Checkpoint every healthy run (``synced``: the runs already hold the current weights);
+    returns the time of the save."""
+    if not synced:
+        stepper.sync()
     for r in healthy(stepper):
         clocks.stamp(r)
         r.save()
@@ -145,12 +147,11 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
             _end_of_epoch(stepper, lead.state.step // spe, progress)
             if not healthy(stepper):
                 break
-            last_save = _save(stepper, clocks)
+            last_save = _save(stepper, clocks, synced=True)  # _end_of_epoch synced; measurements use copies
             for r in runs:
                 r.metrics.restart_clock()
     finally:
         progress.finish()
-    stepper.sync()
-    for r in runs:
+    for r in runs:  # every healthy run was synced at its last checkpoint
         clocks.stamp(r)
     return [r.finish(stepper.summary_extra) for r in runs]

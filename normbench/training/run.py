@@ -44,8 +44,7 @@ def hparams_of(cfg: RunConfig) -> dict:
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress, dist_ctx=None, data=None,
-                 flat_optimizer: Optional[bool] = None):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, progress: Progress, dist_ctx=None, data=None):
         from normbench.analysis.hooks import make_analysis
         from normbench.clip import make_clipper
         from normbench.data import Normalizer, load_cifar10
@@ -69,8 +68,7 @@ class Run:
             raise UserError(f"train.batch_size: got {cfg.train.batch_size} (global batch {self.global_batch}); "
                             f"the training set has only {len(self.data.train_y)} images")
         self.normalize = Normalizer(self.device, self.channels_last)
-        flat = (not self.dist.enabled) if flat_optimizer is None else flat_optimizer  # DDP keeps its own buckets
-        self.optimizer = build_optimizer(cfg, self.model, flat=flat)
+        self.optimizer = build_optimizer(cfg, self.model, flat=not self.dist.enabled)  # DDP keeps its own buckets
         self.clipper = make_clipper(cfg.clip, self.model)
         self.clipper.grad_source = getattr(self.optimizer, "flat_grads", None)
         self.steps_per_epoch = len(self.data.train_y) // self.global_batch
