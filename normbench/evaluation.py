@@ -21,10 +21,13 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False, dist_ctx=None) -> dict:
+def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False, dist_ctx=None,
+             on_images=None) -> dict:
     """Test loss and accuracy over the whole test set. ``train_mode`` uses each test batch's
     own statistics (BN-like layers) without touching the running statistics. Under torchrun
-    each rank takes every world_size-th test batch and the sums are all-reduced."""
+    each rank takes every world_size-th test batch and the sums are all-reduced.
+    ``on_images(n)``, when given, hears after each batch how far along the test set this
+    process is (for a progress view; it reads nothing from the device)."""
     from normbench.distributed import DistContext, all_reduce_sum
 
     dist_ctx = dist_ctx or DistContext()
@@ -42,6 +45,8 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
         out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
+        if on_images is not None:
+            on_images(min(start + batch_size, usable))
     if saved is not None:
         model.load_state_dict(saved)
     model.train()

@@ -6,7 +6,7 @@ Layout of ``<log.out_dir>/<name>-<config hash>/``::
     metrics.jsonl    one JSON object per log interval / evaluation (tags: README.md, "Outputs")
     summary.json     the contract with `normbench report`; written atomically, last
     checkpoint.pt    model, optimizer, step, RNG and logging state; atomic, self-checksummed
-    tb/              TensorBoard events and hparams
+    tb/              TensorBoard events and the run's HParams session (normbench.tensorboard_log)
     error.log        the traceback of a failed run
 
 Every file that is replaced is written to a temporary file in the same folder and renamed
@@ -310,35 +310,5 @@ class ReadOnlyRunDir(RunDir):
     def save_checkpoint(self, state: dict) -> None: ...
 
 
-class TensorBoardLog:
-    """TensorBoard scalars and hparams in ``run/tb``; a no-op when disabled."""
-
-    def __init__(self, folder: Path, enabled: bool, purge_step: Optional[int] = None):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
-
-    def scalars(self, step: int, values: dict) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            if isinstance(value, (int, float)) and value == value:  # skip NaN
-                self.writer.add_scalar(tag, value, step)
-
-    def histogram(self, tag: str, values, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_histogram(tag, values, step)
-
-    def hparams(self, hparams: dict, metrics: dict) -> None:
-        if self.writer is None:
-            return
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
-        self.writer.add_hparams(clean, finite, run_name=".")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+# TensorBoard logging lives in normbench.tensorboard_log; kept importable from here.
+from normbench.tensorboard_log import TensorBoardLog  # noqa: E402,F401

@@ -83,7 +83,7 @@ def whole_run(cfg) -> str:
     summary = entry.train(cfg, fresh=True)
     assert summary["status"] == "completed", summary.get("note")
     assert math.isfinite(summary["final_test_loss"])
-    return f"acc {summary['final_test_acc']:.3f}, compiled {summary['compiled']}"
+    return f"acc {100 * summary['final_test_acc']:.2f}%, compiled {summary['compiled']}"
 
 
 def steps_without_host_sync(cfg) -> str:
@@ -135,7 +135,7 @@ def resume(setup: Setup) -> str:
 def packed(setup: Setup) -> str:
     summaries = train_packed([setup.cfg("bn", f"seed={s}", out="packed") for s in (0, 1)], fresh=True)
     assert all(s["status"] == "completed" for s in summaries), [s["status"] for s in summaries]
-    accs = ", ".join(f"{s['final_test_acc']:.3f}" for s in summaries)
+    accs = ", ".join(f"{100 * s['final_test_acc']:.2f}%" for s in summaries)
     return f"acc {accs}"
 
 

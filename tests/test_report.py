@@ -147,7 +147,7 @@ def test_cli_files_plot_and_errors(runs_dir, tmp_path):
     empty.mkdir()
     for args in (["report", str(empty)], ["report", str(tmp_path / "nope")],
                  ["report", str(runs_dir), "--format", "xls"], ["report", str(runs_dir), "--metric", "last"],
-                 ["report", str(runs_dir), "--plot", str(tmp_path / "a.pdf")]):
+                 ["report", str(runs_dir), "--plot", str(tmp_path / "a.jpg")]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert res.output.count("\n") == 1 and res.output.startswith("normbench: error:"), res.output
@@ -581,8 +581,8 @@ def test_batch_statistics_table_and_units_in_csv(tmp_path):
     rows = list(csv.DictReader(io.StringIO(to_csv(report))))
     assert {"unit", "name", "ci95_half_width", "ci95_low", "ci95_high"} <= set(rows[0])
     units = {r["table"]: r["unit"] for r in rows}
-    assert units["test_accuracy"] == "%" and units["batch_effect"] == "points"
-    assert units["batch_stats_accuracy"] == "%" and units["train_eval_gap"] == "points"
+    assert units["test_accuracy"] == "percent" and units["batch_effect"] == "points"
+    assert units["batch_stats_accuracy"] == "percent" and units["train_eval_gap"] == "points"
     row = next(r for r in rows if r["table"] == "test_accuracy" and r["method"] == "bn" and r["batch_size"] == "2")
     assert row["name"] == "BN" and float(row["ci95_low"]) == pytest.approx(50.5 - 12.7062 * 0.5, abs=1e-3)
 

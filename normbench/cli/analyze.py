@@ -10,8 +10,10 @@ import typer
 from normbench.cli.app import app, fail
 from normbench.errors import UserError
 
+EXAMPLE = ("Example: normbench analyze runs/sweeps/quick/bn-b8-s0-<hash> --recalibrate --recal-images 10000")
 
-@app.command()
+
+@app.command(epilog=EXAMPLE)
 def analyze(
     run_dir: Path = typer.Argument(..., help="A run folder (holding config.yaml and checkpoint.pt)."),
     recalibrate: bool = typer.Option(False, "--recalibrate",
@@ -21,9 +23,12 @@ def analyze(
                                                    help="Batch size of the recalibration pass (default: the run's)."),
     recal_images: Optional[int] = typer.Option(None, "--recal-images", min=1,
                                                help="Training images for the recalibration (default: all)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device (cpu, cuda, ...)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device, one of: auto, cpu, "
+                                         "cuda, cuda:N, mps."),
 ) -> None:
-    """Measure a run's train/eval-mode gap, precise-BN accuracy and dead units; update its summary."""
+    """Measure a run's train/eval-mode gap, precise-BN accuracy and dead units; update its summary.
+    Accuracies and dead units print in percent, the gap in percentage points (the summary keeps
+    fractions, as training writes them)."""
     try:
         from normbench.analysis.offline import analyze_run
 
@@ -54,7 +59,7 @@ def print_analysis(result: dict) -> None:
         extra = (f" ({result['precise_bn_images']} imgs, batch {result['precise_bn_batch_size']})"
                  if result.get("precise_bn_images") else "")
         table.add_row("test acc, precise BN" + extra, pct(result["test_acc_precise_bn"]))
-    table.add_row("dead units (all layers)", pct(result["dead_unit_frac"]))
+    table.add_row("dead units (all layers, % of channels)", pct(result["dead_unit_frac"]))
     worst = sorted(result["dead_units_by_layer"].items(), key=lambda kv: -kv[1])[:3]
     for name, frac in worst:
         if frac > 0:

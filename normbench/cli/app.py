@@ -1,4 +1,6 @@
-"""The ``normbench`` command group: one-line usage errors, ``fail``, ``--version``.
+"""The ``normbench`` command group: one-line usage errors, ``fail``, ``--version``, shell
+completion (``--install-completion``, ``--show-completion``), and what several commands share
+(the ``--device`` values, flags that stand for config keys).
 
 Every command lives in its own module of this package and registers itself on :data:`app`;
 :mod:`normbench.cli.program` imports them all. Exit statuses: 0 success; 1 a run diverged or
@@ -9,11 +11,13 @@ so that ``--help`` stays fast.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
 from normbench import __version__
+from normbench.errors import UserError
 
 # click's UsageError, whether typer uses click or its own copy of it (typer.BadParameter derives from it)
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -32,7 +36,7 @@ def _usage_error(err, group_ctx) -> None:
         names.insert(0, ctx.info_name or "")
         ctx = ctx.parent
     command = " ".join(["normbench", *names])
-    message = " ".join(err.format_message().split())
+    message = " ".join(err.format_message().split()).replace("Value error, ", "")  # (pydantic's prefix)
     where = f"{' '.join(names)}: " if names else ""
     typer.echo(f"normbench: error: {where}{message} (see '{command} --help')", err=True)
     raise typer.Exit(err.exit_code)
@@ -57,9 +61,37 @@ class OneLineUsageErrors(TyperGroup):
             _usage_error(err, ctx)
 
 
-app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=True, no_args_is_help=True,
                   pretty_exceptions_enable=False,
-                  help="Measure BatchNorm and its alternatives across small batch sizes on CIFAR-10.")
+                  help="Measure BatchNorm and its alternatives across small batch sizes on CIFAR-10.",
+                  epilog="Example: normbench train --method gn --set train.batch_size=8")
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # what `device` takes (normbench.config.schema checks it)
+DEVICE_METAVAR = "|".join(DEVICES)
+
+
+def complete_device(incomplete: str) -> list[str]:
+    """Shell completion of a --device value."""
+    return [d for d in DEVICES if d != "cuda:N" and d.startswith(incomplete)]
+
+
+def flag_overrides(set_: list[str], flags: list[tuple[str, str, Optional[str]]]) -> list[str]:
+    """``set_`` plus one ``--set`` item per flag that stands for a config key: ``flags`` holds
+    (flag, dotted key, value or None). The value is taken as a string, never as YAML; a flag
+    and a ``--set`` of the same key with different values is one line naming both."""
+    import json
+
+    from normbench.config import parse_overrides
+
+    given = parse_overrides(set_)
+    out = list(set_)
+    for flag, key, value in flags:
+        if value is None:
+            continue
+        if key in given and given[key] != value:
+            raise UserError(f"{flag} {value} and --set {key}={given[key]} disagree; give only one of them")
+        out.append(f"{key}={json.dumps(value)}")
+    return out
 
 
 def fail(message: str, code: int = 2) -> None:

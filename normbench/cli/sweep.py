@@ -4,25 +4,46 @@ user mistake, one line; 130 / 143 interrupted)."""
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from normbench.cli.app import app, console, fail
+from normbench.cli.app import DEVICE_METAVAR, app, complete_device, console, fail, flag_overrides
 from normbench.errors import UserError
 
 
-@app.command()
+class Backend(str, Enum):
+    """Where the cells train: local worker processes, or tasks of a Ray cluster."""
+
+    local = "local"
+    ray = "ray"
+
+
+def _complete_sweep(incomplete: str) -> list[str]:
+    """Shell completion of the sweep argument: the example sweeps' names (files complete as usual)."""
+    from normbench.recipe_files import sweep_names
+
+    return [name for name in sweep_names() if name.startswith(incomplete)]
+
+
+@app.command(epilog="Example: normbench sweep quick --dry-run   (an example sweep by name; "
+                    "or a file: normbench sweep my_sweep.yaml --workers 2)")
 def sweep(
-    sweep_file: Path = typer.Argument(..., metavar="SWEEP.yaml", help="The sweep file (base config, grid, rules)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the file's out_dir)."),
+    sweep_arg: str = typer.Argument(..., metavar="SWEEP.yaml", autocompletion=_complete_sweep,
+                                    help="The sweep file (base config, grid, rules), or the name of an example "
+                                         "sweep (normbench list shows them); a file of that name wins."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the file's out_dir, "
+                                       "relative to the current folder)."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a key in every cell: a.b=value. Repeatable."),
+    device: Optional[str] = typer.Option(None, "--device", metavar=DEVICE_METAVAR, autocompletion=complete_device,
+                                         help="Device of every cell (the config's `device`)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the cells, their state and an estimated wall time."),
     no_estimate: bool = typer.Option(False, "--no-estimate", help="With --dry-run: skip the throughput probe."),
     force: bool = typer.Option(False, "--force", help="Retrain every cell from scratch, finished ones included."),
     rerun_failed: bool = typer.Option(False, "--rerun-failed", help="Retrain failed and diverged cells from scratch."),
-    backend: str = typer.Option("local", "--backend", help="local (worker processes) or ray."),
+    backend_choice: Backend = typer.Option(Backend.local, "--backend", help="local (worker processes) or ray."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (e.g. HOST:6379 or auto); "
                                           "default: start a local Ray instance."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
@@ -41,14 +62,15 @@ def sweep(
 
     if force and rerun_failed:
         fail("--force already retrains failed cells; give only one of --force and --rerun-failed")
-    if backend not in ("local", "ray"):
-        fail(f"--backend: got '{backend}'; allowed: local, ray")
+    backend = backend_choice.value
     if address and backend != "ray":
         fail("--address is for --backend ray")
     try:
         from normbench.config import parse_overrides
+        from normbench.recipe_files import sweep_file
 
-        spec = sw.load_sweep(sweep_file, out, parse_overrides(set_))
+        sweep_path = sweep_file(sweep_arg)
+        spec = sw.load_sweep(sweep_path, out, parse_overrides(flag_overrides(set_, [("--device", "device", device)])))
         if backend == "local" or address is None:  # cells train on this machine: their devices must exist here
             sw.check_devices(spec.cells)
         if backend == "ray" and gpus_per_cell == 0 and any(c.cfg.device.startswith("cuda") for c in spec.cells):
@@ -70,7 +92,7 @@ def sweep(
         display = sw.make_display(no_progress)
         sw.write_manifest(spec)
         n_skip = len(plan.skipped)
-        display.message(f"sweep {sweep_file.name}: {len(spec.cells)} cells in {spec.out_dir}; {len(plan.tasks)} to "
+        display.message(f"sweep {sweep_path.name}: {len(spec.cells)} cells in {spec.out_dir}; {len(plan.tasks)} to "
                         f"train, {n_skip} already recorded; backend {backend}"
                         + (f", {min(n_workers, max(1, len(plan.tasks)))} worker(s)" if backend == "local" else "")
                         + f" × {n_threads} thread(s)")
@@ -81,7 +103,7 @@ def sweep(
         else:
             gpus = sw.worker_gpus(spec.cells, os.environ.get("CUDA_VISIBLE_DEVICES"), sw.cuda_device_count())
             executor = sw.LocalExecutor(n_workers, n_threads, display, gpus=gpus)
-        display.begin(len(plan.tasks), {t.index: t.cost for t in plan.tasks})
+        display.begin(len(plan.tasks), {t.index: t.cost for t in plan.tasks}, out_dir=spec.out_dir)
         try:
             results = executor.run(plan.tasks)
         finally:
@@ -129,8 +151,9 @@ def _print_dry_run(plan, workers: int, backend: str, no_estimate: bool) -> None:
             out.print(f"{unknown} cell(s) could not be probed and are not in the estimate", highlight=False)
         how = f"{min(workers, len(plan.tasks))} worker(s) × {plan.threads} thread(s)" if backend == "local" else \
             f"{workers} parallel task(s) of {plan.threads} CPU(s)"
-        out.print(f"estimated wall time: {sw.fmt_duration(total)} with {how} (from a short throughput probe in "
-                      "this process; parallel workers share memory bandwidth, so expect somewhat more)",
+        out.print(f"estimated wall time: {sw.fmt_duration(total)} with {how} (timed steps and evaluations per model "
+                      "and batch in this process, with start-up, every evaluation and checkpoint writes counted; "
+                      "parallel workers share memory bandwidth, so expect somewhat more)",
                       highlight=False)
 
 

@@ -224,16 +224,20 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(format_validation_error(err, source)) from None
 
 
-def load_config(path: Union[None, str, Path, list, tuple], overrides: Optional[list[str]] = None) -> RunConfig:
+def load_config(path: Union[None, str, Path, list, tuple], overrides: Optional[list[str]] = None,
+                source: Optional[str] = None) -> RunConfig:
     """Resolve a run config: the file(s) (each with its base chain; several files merge left to
     right, a later file overriding an earlier one key by key), then ``--set`` overrides, then
-    validation."""
+    validation. ``source`` names the config in error lines (default: the files' paths)."""
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [] if path is None else [Path(path)]
     raw: dict = {}
     for one in paths:
         raw = deep_merge(raw, load_config_dict(one))
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate_config(raw, source=" + ".join(map(str, paths)) or "config")
+    # --set items nest into a mapping of their own, merged over the files key by key: a --set
+    # through a key that a file gives as a value (seed.x over seed: 0) replaces that value, and
+    # validation then names the key and what it got
+    raw = deep_merge(raw, apply_overrides({}, parse_overrides(overrides or [])))
+    return validate_config(raw, source=source or " + ".join(map(str, paths)) or "config")
 
 
 def dump_config(cfg: RunConfig) -> str:

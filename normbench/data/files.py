@@ -5,13 +5,17 @@ The one format read is the official "CIFAR-10 python version" layout
 (``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``). Lookup order:
 
 1. ``data.root`` (default ``$NORMBENCH_DATA`` or ``~/.cache/normbench/data``) already has it;
-2. torchvision's download (official md5), which fails fast when offline;
-3. the bundled JPEG mirror ``data/cifar10-jpeg.npz`` decoded the way its ``prepare.py``
-   does, recorded as ``data_source: mirror``.
+2. a downloaded official ``cifar-10-python.tar.gz`` given as ``--archive FILE`` or
+   ``$NORMBENCH_CIFAR_ARCHIVE``, unpacked safely and checked against the official md5s;
+3. torchvision's download (official md5), which fails fast when offline;
+4. the JPEG mirror ``cifar10-jpeg.npz`` (``--mirror FILE``, ``$NORMBENCH_CIFAR_MIRROR``, or
+   ``data/`` of a clone), decoded by :mod:`normbench.data.mirror` and recorded as
+   ``data_source: mirror``.
 
-Steps 2 and 3 run only when ``cifar-10-batches-py`` is absent or empty: they fill a hidden
+Steps 2 to 4 run only when ``cifar-10-batches-py`` is absent or empty: they fill a hidden
 staging folder beside it and rename it into place, so a killed fill leaves no partial folder
 and files already there are never overwritten (a folder missing some files is reported).
+When none of them can, the error names the flags and variables that give a source.
 
 Every load checks each file's md5 against the official release or against the manifest
 that normbench wrote when it produced the files (mirror or synthetic data), so a truncated
@@ -20,7 +24,6 @@ or altered batch is reported, never used.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -33,6 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from normbench.data.archive import ARCHIVE_NAME, extract_official
+from normbench.data.mirror import write_mirror_files
 from normbench.errors import UserError
 
 FOLDER = "cifar-10-batches-py"
@@ -40,7 +45,9 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 ALL_FILES = TRAIN_FILES + TEST_FILES + ["batches.meta"]
 MANIFEST = "normbench-manifest.json"
-MIRROR = Path(__file__).resolve().parent.parent.parent / "data" / "cifar10-jpeg.npz"
+MIRROR = Path(__file__).resolve().parent.parent.parent / "data" / "cifar10-jpeg.npz"  # in a clone; a wheel has none
+MIRROR_ENV = "NORMBENCH_CIFAR_MIRROR"
+ARCHIVE_ENV = "NORMBENCH_CIFAR_ARCHIVE"
 DOWNLOAD_TIMEOUT_S = 10.0
 
 
@@ -186,26 +193,19 @@ def _try_download(root: Path) -> bool:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def decode_mirror(root: Path, mirror: Path = MIRROR) -> Path:
-    """Decode the bundled JPEG mirror into ``root/cifar-10-batches-py``, which must be absent or
-    empty, with the mirror's prepare.py: into a staging folder with the manifest, then renamed."""
+def _fill(root: Path, write, what: str) -> Path:
+    """Fill ``root/cifar-10-batches-py`` (absent or empty) through a staging folder:
+    ``write(stage)`` writes the files there, then the folder is renamed into place."""
     root = Path(root)
     folder = root / FOLDER
-    if not mirror.is_file():
-        raise UserError(f"no CIFAR-10 under {root} and the bundled mirror {mirror} is missing; "
-                        "download 'CIFAR-10 python version' into that folder")
     if not is_unfilled(folder):
-        raise UserError(f"data folder {folder} is not empty; the mirror is decoded only into an absent or "
+        raise UserError(f"data folder {folder} is not empty; {what} is unpacked only into an absent or "
                         "empty folder (delete it to rebuild)")
-    spec = importlib.util.spec_from_file_location("_normbench_prepare", mirror.parent / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)  # type: ignore[union-attr]
     try:
         root.mkdir(parents=True, exist_ok=True)
         stage = _staging_folder(root)
         try:
-            prepare.write_files(stage)
-            write_manifest(stage, "mirror")
+            write(stage)
             _move_into_place(stage, folder)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -214,31 +214,94 @@ def decode_mirror(root: Path, mirror: Path = MIRROR) -> Path:
     return folder
 
 
-def ensure_cifar10(root: Path, allow_download: bool = True, log=print) -> tuple[Path, str]:
+def decode_mirror(root: Path, mirror: Path = MIRROR) -> Path:
+    """Decode the JPEG mirror ``mirror`` into ``root/cifar-10-batches-py``, which must be absent
+    or empty: into a staging folder with the manifest, then renamed."""
+    mirror = Path(mirror)
+    if not mirror.is_file():
+        raise UserError(f"no CIFAR-10 under {root} and the mirror {mirror} is not a file; {_sources_hint(root)}")
+
+    def write(stage: Path) -> None:
+        write_mirror_files(mirror, stage)
+        write_manifest(stage, "mirror")
+
+    return _fill(root, write, "the mirror")
+
+
+def unpack_archive(root: Path, archive: Path) -> Path:
+    """Unpack the official ``cifar-10-python.tar.gz`` into ``root/cifar-10-batches-py`` (absent
+    or empty), every file checked against the official md5s."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UserError(f"archive {archive} is not a file; give the downloaded {ARCHIVE_NAME}")
+    expected = official_md5s()
+    return _fill(root, lambda stage: extract_official(archive, stage, expected), "an archive")
+
+
+def _sources_hint(root: Path) -> str:
+    """How to give normbench a source of CIFAR-10 for ``root`` (the end of an error line)."""
+    return (f"give `normbench data prepare` a downloaded official --archive {ARCHIVE_NAME} (or set {ARCHIVE_ENV}) "
+            f"or the JPEG --mirror cifar10-jpeg.npz (or set {MIRROR_ENV}), or put the official files into "
+            f"{Path(root) / FOLDER}")
+
+
+def given_file(value, env: str, flag: str) -> Optional[Path]:
+    """The file a flag names (``value``), else the one the variable ``env`` names, else None;
+    one that is not a file is one line naming the flag or the variable."""
+    if value is not None:
+        path, named = Path(value).expanduser(), f"{flag} {value}"
+    elif os.environ.get(env):
+        path, named = Path(os.environ[env]).expanduser(), f"{env}={os.environ[env]}"
+    else:
+        return None
+    if not path.is_file():
+        raise UserError(f"{named}: no such file")
+    return path
+
+
+def ensure_cifar10(root: Path, allow_download: bool = True, log=print, archive: Optional[Path] = None,
+                   mirror: Optional[Path] = None) -> tuple[Path, str]:
     """Return (folder, source), fetching or decoding the data set first when it is absent."""
-    folder, identity = ensure_cifar10_identity(root, allow_download, log)
+    folder, identity = ensure_cifar10_identity(root, allow_download, log, archive=archive, mirror=mirror)
     return folder, identity.source
 
 
-def ensure_cifar10_identity(root: Path, allow_download: bool = True, log=print) -> tuple[Path, DataIdentity]:
-    """Return (folder, identity), fetching or decoding the data set first when it is absent."""
+def ensure_cifar10_identity(root: Path, allow_download: bool = True, log=print, archive: Optional[Path] = None,
+                            mirror: Optional[Path] = None) -> tuple[Path, DataIdentity]:
+    """Return (folder, identity), filling the data folder first when it is absent or empty:
+    from ``archive`` ($NORMBENCH_CIFAR_ARCHIVE), else torchvision's download (when
+    ``allow_download``), else ``mirror`` ($NORMBENCH_CIFAR_MIRROR, else a clone's bundled one)."""
     root = Path(root).expanduser()
     folder = root / FOLDER
     if is_unfilled(folder):  # a folder holding some files is never filled over: verify names what is missing
+        archive = given_file(archive, ARCHIVE_ENV, "--archive")
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"data.root {root} cannot be created: {err.strerror}") from None
         if not os.access(root, os.W_OK):
             raise UserError(f"data.root {root} is not writable and has no CIFAR-10 in it")
-        if allow_download:
-            log(f"CIFAR-10 not found in {root}; trying torchvision's download")
-        if allow_download and _try_download(root):
-            log("downloaded the official CIFAR-10 release")
+        if archive is not None:
+            unpack_archive(root, archive)  # said once done: a refused archive is one line
+            log(f"unpacked the official CIFAR-10 release from {archive}")
         else:
-            log(f"offline: decoding the bundled mirror {MIRROR.name} into {root} (about 10 s)")
-            decode_mirror(root, MIRROR)
+            _download_or_decode(root, allow_download, mirror, log)
     return folder, verify_identity(folder)
+
+
+def _download_or_decode(root: Path, allow_download: bool, mirror: Optional[Path], log) -> None:
+    """torchvision's download when allowed; else (or when it fails) the mirror, if there is one."""
+    if allow_download:
+        log(f"CIFAR-10 not found in {root}; trying torchvision's download")
+        if _try_download(root):
+            log("downloaded the official CIFAR-10 release")
+            return
+    mirror = given_file(mirror, MIRROR_ENV, "--mirror") or (MIRROR if MIRROR.is_file() else None)
+    if mirror is None:
+        why = "the download failed" if allow_download else "downloads are off"
+        raise UserError(f"no CIFAR-10 in {root}: {why} and no JPEG mirror was given; {_sources_hint(root)}")
+    log(f"{'offline' if allow_download else 'no download'}: decoding the mirror {mirror} into {root} (about 10 s)")
+    decode_mirror(root, mirror)
 
 
 def data_identity(data_cfg, log=print) -> DataIdentity:

@@ -8,6 +8,8 @@ speed paths behind one seam.
   reference of it and the layer: batch_norm.py, ghost_batch_norm.py, batch_renorm.py,
   group_norm.py (GN, LN, IN), filter_response.py (FRN + TLU), evonorm.py (EvoNorm-S0),
   weight_standardization.py (WS, scaled WS, the scaled ReLU), sync_batch_norm.py;
+* tracing.py: ``recording()``, true only while a model is recorded into a program
+  (``torch.jit.trace``, ``torch.export``), when layers use their plain-PyTorch reference;
 * speed/: what makes the layers fast on CPU (fused C++ kernels, primitives on PyTorch's
   kernels, hand-written backward passes); the families call it through one function each.
 

@@ -13,7 +13,11 @@ non-linearity (``apply_act=False``, a block's second norm; project choice) there
 ``z = x / group_std gamma_c + beta_c``. Training and eval compute the same function.
 
 :func:`evonorm_s0_reference` is this as plain PyTorch. The layer runs ``speed.evonorm_s0``: a
-hand-written autograd Function, in the fused CPU kernels where they apply.
+hand-written autograd Function, in the fused CPU kernels where they apply. While the model is
+recorded into a program (``torch.jit.trace``, ``torch.export``; normbench.norms.tracing) it runs
+the reference instead: the Function cannot be saved in a TorchScript file, and its primitives'
+constant cache breaks ``torch.export`` (a symbolic batch size cannot key it; a recording leaves
+fake tensors in it). Training, eager or compiled, never takes that branch.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from normbench.norms import speed
+from normbench.norms.tracing import recording
 
 
 def evonorm_s0_reference(x: torch.Tensor, v: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
@@ -56,4 +61,6 @@ class EvoNormS0(nn.Module):
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}, apply_act={self.v is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recording():  # torch.jit.trace / torch.export: plain PyTorch ops (see the module docstring)
+            return evonorm_s0_reference(x, self.v, self.weight, self.bias, self.groups, self.eps)
         return speed.evonorm_s0(x, self.v, self.weight, self.bias, self.groups, self.eps)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from normbench.norms import speed
+from normbench.norms.tracing import recording
 
 FRN_EPS_FLOOR = 1e-6  # learned eps = 1e-6 + |eps_l| (Singh & Krishnan 2019, Sec. 3.2)
 FRN_EPS_L_INIT = 1e-4
@@ -66,6 +67,8 @@ class FilterResponseNorm2d(nn.Module):
         return FRN_EPS_FLOOR + self.eps_l.abs() if self.eps_l is not None else self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recording():  # torch.jit.trace / torch.export: plain PyTorch ops (normbench.norms.tracing)
+            return filter_response_norm_reference(x, self.weight, self.bias, self.tau, self.effective_eps())
         return speed.filter_response_norm(x, self.weight, self.bias, self.tau, self.effective_eps())
 
 
@@ -79,4 +82,6 @@ class TLU(nn.Module):
         self.tau = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recording():  # torch.jit.trace / torch.export: plain PyTorch ops (normbench.norms.tracing)
+            return tlu_reference(x, self.tau)
         return speed.tlu(x, self.tau)

@@ -1,23 +1,29 @@
-"""The report's analysis plots: the PNGs drawn from the analysis figures the engine adds to
-``summary.json`` and the probe records of ``metrics.jsonl``. (The analysis columns of the
+"""The report's analysis plots (PNG, SVG or PDF), drawn from the analysis figures the engine
+adds to ``summary.json`` and the probe records of ``metrics.jsonl``. (The analysis columns of the
 report's tables, with their units, are listed in :mod:`normbench.report.summary_keys`.)
 
 * :func:`plots` takes ``summaries``: a list of summary dicts as read from ``summary.json``
   (:func:`normbench.tracking.read_summary`), each with one extra key ``_dir``: the run folder
   that holds that summary.json (a ``str`` or ``Path``; a ``run_dir`` key, as returned by
-  ``normbench.training.entry.train``, is accepted instead). ``_dir`` is only needed for the probe plot, which
-  reads ``probe/*`` records from the run's ``metrics.jsonl``. Runs whose ``status`` is not
-  ``completed`` are ignored. It writes PNGs into ``out_dir`` and returns their paths: only
-  the plots for which some run has data (possibly none).
+  ``normbench.training.entry.train``, is accepted instead). ``_dir`` is only needed for the
+  probe plot, which reads ``probe/*`` records from the run's ``metrics.jsonl``. Optional ``_label`` and
+  ``_method`` keys give the run's display name and row key as the report's tables have them
+  (:func:`normbench.report.runs.collect`), so two methods the display name alone does not
+  tell apart stay apart; without them a run is named by
+  :func:`normbench.report.styles.display_name`.
+  Runs whose ``status`` is not ``completed`` are ignored. It writes ``analysis_*.<fmt>``
+  (``fmt``: png, svg or pdf) into ``out_dir`` and returns their paths: only the plots for
+  which some run has data (possibly none).
 
-Plots:
+Plots (``.png`` below; ``.svg`` or ``.pdf`` when asked):
 
 * ``analysis_bn_gap.png``: for each batch-statistics method (``get_scheme(kind).batch_dependent``)
   the train/eval gap (train-mode minus eval-mode test accuracy, points) against the batch
-  size on a log2 axis, and the test accuracies with running statistics (eval mode) and batch
-  statistics (train mode), plus precise BN where the summaries have it (the panel's title
-  names only what it draws). Several seeds of a (method, batch) cell are averaged; each run is
-  also drawn as a dot.
+  size on a log2 axis, and the test accuracies with running statistics (eval mode, solid,
+  filled markers) and batch statistics (train mode, dashed, open markers), plus precise BN
+  (dotted, half-filled) where the summaries have it (the panel's title names only what it
+  draws; the three sit side by side at each batch size). Several seeds of a (method, batch)
+  cell are averaged; in the gap panel each run is also drawn as a dot.
 * ``analysis_probe.png`` (runs probed in lr mode only; fixed-mode runs have their own plot):
   the landscape probe of Santurkar et al. 2018 (Fig. 4) over
   training (x = epochs, so different batch sizes align): the band between the smallest and
@@ -47,8 +53,8 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Optional
 
+from normbench.report.figures import batch_axis, figure, plot_format, save_figure
 from normbench.report.methods import base_method, method_sort_key
-from normbench.report.plots import batch_axis, figure
 from normbench.report.stats import interval
 from normbench.report.styles import Style, assign_styles, display_name, protocol, style_key
 from normbench.report.summary_keys import probe_mode
@@ -65,8 +71,10 @@ def _run_dir(summary: dict) -> Optional[Path]:
 
 
 def _method(summary: dict) -> str:
-    """The method's display name (``no norm + AGC (λ 0.16)``)."""
-    return display_name(summary.get("config") or {})
+    """The method's display name (``no norm + AGC (λ 0.16)``): the report's label when the
+    summary carries one (``_label``), else the config's display name."""
+    label = summary.get("_label")
+    return label if isinstance(label, str) and label else display_name(summary.get("config") or {})
 
 
 def _fixed(summary: dict) -> bool:
@@ -104,9 +112,13 @@ def _colours(summaries: list[dict]) -> dict:
     first: dict[str, dict] = {}
     for s in summaries:
         if s.get("status") == "completed":
-            first.setdefault(_method(s), s.get("config") or {})
-    ordered = sorted(first, key=lambda m: (method_sort_key(base_method(first[m])), m))
-    return assign_styles((m, style_key(first[m])) for m in ordered)
+            first.setdefault(_method(s), s)
+
+    def row_key(s: dict) -> str:
+        key = s.get("_method")
+        return key if isinstance(key, str) and key else base_method(s.get("config") or {})
+    ordered = sorted(first, key=lambda m: (method_sort_key(row_key(first[m])), m))
+    return assign_styles((m, style_key(first[m].get("config") or {})) for m in ordered)
 
 
 def _large_to_small(ax, batches: list[int]) -> None:
@@ -129,6 +141,12 @@ def _running_median(values: list[float], k: int = 5) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- plots
+
+
+# The test accuracies of the bn gap plot: (summary key, line style, marker fill, name).
+BN_GAP_STATS = (("test_acc_eval_mode", "-", "full", "running stats (eval)"),
+                ("test_acc_train_mode", "--", "none", "batch stats (train)"),
+                ("test_acc_precise_bn", ":", "bottom", "precise BN"))
 
 
 def plot_bn_gap(summaries: list[dict], path: Path, colours: dict) -> Optional[Path]:
@@ -158,31 +176,33 @@ def plot_bn_gap(summaries: list[dict], path: Path, colours: dict) -> Optional[Pa
             if len(by_batch[b]) > 1:
                 gap_ax.scatter([b] * len(by_batch[b]), [100 * s["train_eval_gap"] for s in by_batch[b]],
                                color=c, alpha=0.35, s=12)
-        for key, style, name in (("test_acc_eval_mode", "-", "running stats (eval)"),
-                                 ("test_acc_train_mode", "--", "batch stats (train)"),
-                                 ("test_acc_precise_bn", ":", "precise BN")):
+        for j, (key, style, fill, name) in enumerate(BN_GAP_STATS):
             pts = [(b, [_num(s.get(key)) for s in by_batch[b]]) for b in xs]
             pts = [(b, mean(v for v in vals if v is not None)) for b, vals in pts if any(v is not None for v in vals)]
             if pts:
                 drawn.add(name)
-                acc_ax.plot([b for b, _ in pts], [100 * v for _, v in pts], style, marker=marker, color=c,
-                            label=f"{method}, {name}")
+                dodge = 2.0 ** (0.03 * (1 - j))  # side by side, left to right on the reversed axis
+                acc_ax.plot([b * dodge for b, _ in pts], [100 * v for _, v in pts], style, marker=marker, color=c,
+                            fillstyle=fill, markerfacecoloralt="white", label=f"{method}, {name}")
     for ax in (gap_ax, acc_ax):
         _large_to_small(ax, sorted(batches_seen))
     gap_ax.axhline(0.0, color="black", lw=0.8)
     gap_ax.set_ylabel("train-mode minus eval-mode test acc (points)")
-    gap_ax.set_title("BN train/eval gap")
+    gap_ax.set_title("train/eval gap (colour and marker: method)")
     gap_ax.legend(fontsize=8)
     acc_ax.set_ylabel("test accuracy (%)")
-    names = [n for n in ("running stats (eval)", "batch stats (train)", "precise BN") if n in drawn]
+    names = [n for _, _, _, n in BN_GAP_STATS if n in drawn]
     acc_ax.set_title(" vs ".join(names) if names else "no accuracy measured")
-    if names:
-        acc_ax.legend(fontsize=7)
+    if names:  # the statistics by line and fill; the methods by colour, as in the gap panel
+        from matplotlib.lines import Line2D
+
+        acc_ax.legend([Line2D([], [], color="0.3", linestyle=st, marker="o", fillstyle=fill,
+                              markerfacecoloralt="white") for _, st, fill, n in BN_GAP_STATS if n in drawn],
+                      names, fontsize=7, title="statistics", title_fontsize=7)
     _title(fig, "batch-statistics methods: test accuracy by the statistics used",
            [s for by_batch in cells.values() for runs in by_batch.values() for s in runs])
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _probe_records(run_dir: Path) -> list[dict]:
@@ -256,7 +276,7 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
             ep, beta = _seed_mean(runs, "probe/beta")
             beta_ax.plot(ep, beta, color=c, lw=1.2, label=method)
         loss_ax.set_title(f"batch {b}: loss along the gradient (min-max band)")
-        loss_ax.set_ylabel("training loss")
+        loss_ax.set_ylabel("training loss (nats)")
         grad_ax.set_title(f"batch {b}: gradient predictiveness, ||g_s - g||")
         grad_ax.set_yscale("log")
         beta_ax.set_title(f"batch {b}: effective beta-smoothness")
@@ -267,13 +287,15 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
         beta_ax.legend(fontsize=7, ncol=2)
     fig.suptitle(f"landscape probe along each training step (lr mode)\n{protocol_line}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
-PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "comparable across batch sizes (per unit step)"),
-                 ("probe/grad_pred", "gradient change ||g_s - g||", "scales with the step: compare within a batch size"),
-                 ("probe/loss_range", "loss range along the step", "scales with the step: compare within a batch size"))
+PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "comparable across batch sizes (per unit step)",
+                  "‖Δg‖/t"),
+                 ("probe/grad_pred", "gradient change ||g_s - g||", "scales with the step: compare within a batch size",
+                  "‖Δg‖"),
+                 ("probe/loss_range", "loss range along the step", "scales with the step: compare within a batch size",
+                  "nats"))
 
 
 def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
@@ -285,7 +307,7 @@ def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path
     batches = sorted(rows)
     methods = _in_report_order({m for by_method in rows.values() for m in by_method}, colours)
     fig, axes = figure(1, 3, 16.0, 5.0, dpi=DPI)
-    for ax, (key, title, note) in zip(axes[0], PROBE_SUMMARY):
+    for ax, (key, title, note, unit) in zip(axes[0], PROBE_SUMMARY):
         for method in methods:
             pts = []
             for b in batches:
@@ -300,29 +322,29 @@ def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path
         _large_to_small(ax, batches)
         ax.set_yscale("log")
         ax.set_title(f"{title}\n({note})", fontsize=10)
-        ax.set_ylabel("median over the run's probes")
+        ax.set_ylabel(f"median over the run's probes ({unit})")
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"landscape probe along each training step (lr mode), per batch size\n{protocol_line}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
-def plots(summaries: list[dict], out_dir: Path) -> list[Path]:
-    """Write the analysis PNGs for ``summaries`` (each with ``_dir``: its run folder; see the
-    module docstring) into ``out_dir``; return the paths written (plots without data are
-    skipped)."""
+def plots(summaries: list[dict], out_dir: Path, fmt: str = "png") -> list[Path]:
+    """Write the analysis plots for ``summaries`` (each with ``_dir``: its run folder; see the
+    module docstring) into ``out_dir`` as ``fmt`` (png, svg or pdf); return the paths written
+    (plots without data are skipped)."""
     out_dir = Path(out_dir)
+    ext = plot_format(Path(f"plot.{fmt}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = _colours(summaries)
     probed: list[dict] = []
     probes = probe_runs(summaries, probed)
     lr_line = protocol(probed)
-    written = [plot_bn_gap(summaries, out_dir / "analysis_bn_gap.png", colours),
-               plot_probe(probes, out_dir / "analysis_probe.png", colours, lr_line),
-               plot_probe_vs_batch(probes, out_dir / "analysis_probe_vs_batch.png", colours, lr_line),
-               plot_probe_fixed(summaries, out_dir / "analysis_probe_fixed.png", colours)]
+    written = [plot_bn_gap(summaries, out_dir / f"analysis_bn_gap.{ext}", colours),
+               plot_probe(probes, out_dir / f"analysis_probe.{ext}", colours, lr_line),
+               plot_probe_vs_batch(probes, out_dir / f"analysis_probe_vs_batch.{ext}", colours, lr_line),
+               plot_probe_fixed(summaries, out_dir / f"analysis_probe_fixed.{ext}", colours)]
     return [p for p in written if p is not None]
 
 
@@ -362,5 +384,4 @@ def plot_probe_fixed(summaries: list[dict], path: Path, colours: dict) -> Option
     fig.suptitle("fixed landscape probe (same distances at every batch size and lr); mean over seeds, "
                  f"95% t-intervals\n{protocol(done)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

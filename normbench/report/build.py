@@ -12,7 +12,7 @@ It groups runs by *method* (:mod:`normbench.report.methods`) and batch size, and
 * one table per analysis column (:func:`analysis_columns`) that some run has.
 
 Writers are in :mod:`normbench.report.render` (terminal, Markdown, CSV, JSON) and
-:mod:`normbench.report.plots` (PNG).
+:mod:`normbench.report.plots` (PNG, SVG or PDF).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from normbench.report.runs import Run
 from normbench.report.study import COVERED_KEYS, study_tables
 from normbench.report.summary_keys import probe_mode, summary_columns, summary_units, value
 from normbench.report.tables import Report, make_table
+from normbench.report.units import short
 
 METRICS = ("final", "best")
 
@@ -31,8 +32,8 @@ METRICS = ("final", "best")
 def analysis_columns() -> tuple[list[tuple], Optional[Callable]]:
     """(summary key, header, scale, unit) for each analysis column
     (:func:`normbench.report.summary_keys.summary_columns`; ``summary_units`` gives scale and
-    unit: fractions become percent), and the hook that draws the analysis plots
-    (:func:`normbench.report.analysis_plots.plots`)."""
+    unit, named as in :mod:`normbench.report.units`: fractions become percent), and the hook
+    that draws the analysis plots (:func:`normbench.report.analysis_plots.plots`)."""
     units = summary_units()
     columns = [(k, h, *units.get(k, (1.0, ""))) for k, h in summary_columns()]
     return columns, plots
@@ -62,7 +63,8 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
     which = "at the end of training" if metric == "final" else "best evaluation"
     side = "below" if error else "above"
     tables = [
-        make_table(runs, f"test_{what}", f"Test {what} (%), {which}", "%", acc, "min" if error else "max", 2, True,
+        make_table(runs, f"test_{what}", f"Test {what} (%), {which}", "percent", acc, "min" if error else "max", 2,
+                   True,
                    note="mean ± half-width of the 95% confidence interval of the mean over seeds (Student t, "
                         "n−1 degrees of freedom; n = runs averaged; n=1: no interval); a cell is marked best "
                         f"only when its interval lies entirely {side} the interval of every other cell in its "
@@ -70,10 +72,10 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
                         "single-seed cell has no mark; div = diverged runs, not in the mean; no value = "
                         "completed runs without the accuracy (named in a warning), not in the mean", required=True),
         *study_tables(runs, acc, what, small_batch, ref_batch),
-        make_table(runs, "images_per_s", "Training throughput (images/s)", "img/s",
+        make_table(runs, "images_per_s", "Training throughput (img/s)", "img/s",
                    lambda r: value(r.summary, "images_per_s"), None, 0, False, with_std=False,
                    note="mean over seeds of the training-step throughput (evaluation excluded)"),
-        make_table(runs, "s_per_epoch", "Seconds per epoch (wall time incl. evaluation)", "s",
+        make_table(runs, "s_per_epoch", "Seconds per epoch (wall time incl. evaluation)", "seconds",
                    lambda r: (value(r.summary, "wall_time_s") / value(r.summary, "epochs"))
                    if value(r.summary, "wall_time_s") and value(r.summary, "epochs") else None,
                    None, 1, False, with_std=False, note="wall time / epochs run, mean over seeds"),
@@ -88,9 +90,10 @@ def build_report(runs: list[Run], metric: str = "final", error: bool = False,
             return None if v is None or not lr_probe else v * scale
         if col_key in covered or not any(get(r) is not None for r in runs):
             continue
-        table = make_table(runs, col_key, f"{header} ({unit})" if unit else header, unit, get, None,
-                           2 if unit else 4, True,
-                           note=f"summary key '{col_key}'{f' in {unit}' if unit else ''}, mean ± half-width of "
+        shown = f"the fraction × {scale:g}, in {unit}" if scale != 1.0 else f"in {unit}" if unit else ""
+        table = make_table(runs, col_key, f"{header} ({short(unit)})" if unit else header, unit, get, None,
+                           2 if unit in ("percent", "points") else 4, True,
+                           note=f"summary key '{col_key}'{f' ({shown})' if shown else ''}, mean ± half-width of "
                                 "the 95% t-interval over completed seeds; — = not measured; methods with no "
                                 "measured value are left out" + ("; lr-mode probes only" if col_key.startswith(
                                     "probe_") else ""))

@@ -32,12 +32,13 @@ def method_sort_key(method: str) -> tuple:
     return rank, kind, method
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"train.batch_size": 8, ...}`` (dotted keys, leaves only)."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict):
-            out.update(_flatten(value, dotted))
+            out.update(flatten_config(value, dotted))
         else:
             out[dotted] = value
     return out
@@ -52,7 +53,7 @@ def assign_methods(runs: list) -> None:
     method, plus ``key=value`` for every config key that differs between runs sharing the base
     method and batch size (seeds aside): such runs are different methods. A key absent from a
     run (an older or partial config) is not a difference."""
-    flat = [_flatten(r.config) for r in runs]
+    flat = [flatten_config(r.config) for r in runs]
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         groups.setdefault((base_method(run.config), run.batch_size), []).append(i)

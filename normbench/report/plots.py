@@ -1,4 +1,5 @@
-"""The report's PNG plots: accuracy against batch size, and test accuracy against epoch.
+"""The report's plots: accuracy against batch size, and test accuracy against epoch, as PNG,
+SVG or PDF (by the file's extension; :mod:`normbench.report.figures`).
 
 * :func:`plot_accuracy`: GN-paper style (Wu & He 2018, Fig. 1): test accuracy (or error)
   against the batch size on a log2 axis running from the largest batch on the left to the
@@ -8,25 +9,28 @@
 * :func:`plot_curves` (``accuracy_curves.png`` beside it): one panel per batch size, one line
   per method: at each epoch the mean over the completed seeds of the ``test/acc`` records in
   their ``metrics.jsonl`` (the epochs every seed of the cell evaluated), and the band between
-  the lowest and the highest seed.
+  the lowest and the highest seed (``accuracy_curves.svg`` beside an SVG, and so on).
 
 Every plot names a method by its display name and draws it in its fixed colour and marker
 (:mod:`normbench.report.styles`); titles carry the protocol read from the summaries
-(:func:`normbench.report.styles.protocol`). The figure and batch-axis helpers here are shared
-with :mod:`normbench.report.analysis_plots`. Matplotlib is imported only when a plot is drawn.
+(:func:`normbench.report.styles.protocol`). The figure and batch-axis helpers
+(:mod:`normbench.report.figures`, named here too) are shared with
+:mod:`normbench.report.analysis_plots`. Matplotlib is imported only when a plot is drawn.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from statistics import fmean
 from typing import Optional
 
-from normbench.errors import UserError
+from normbench.report.figures import PLOT_FORMATS, batch_axis, check_plot_path, figure, plot_format, save_figure
 from normbench.report.methods import method_sort_key
 from normbench.report.styles import assign_styles, protocol, style_key
-from normbench.tracking import atomic_write
+
+__all__ = ["PLOT_FORMATS", "accuracy_figure", "batch_axis", "curves", "curves_figure", "epoch_accuracies",
+           "figure", "method_colours", "method_styles", "plot", "plot_accuracy", "plot_curves", "plot_format",
+           "title_protocol"]
 
 
 def method_styles(runs) -> dict:
@@ -50,50 +54,10 @@ def title_protocol(runs) -> str:
     return protocol([r.summary for r in runs if r.summary], group=lambda s: label[id(s)])
 
 
-def batch_axis(ax, batches: list[int]) -> None:
-    """Log2 batch-size x axis from the largest batch on the left to the smallest on the right,
-    as in Wu & He (2018); shared by every plot of the report."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches)
-    ax.set_xticklabels([str(b) for b in batches])
-    ax.minorticks_off()
-    if batches:
-        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
-    ax.set_xlabel("batch size (images per step)")
-
-
-def figure(rows: int, cols: int, width: float, height: float, dpi: int = 150, **kw):
-    """A matplotlib figure (Agg, no pyplot state) and its ``rows`` × ``cols`` grid of axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
-
-
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
-    return path
-
-
-def _check_path(path: Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--plot: got '{path}'; give a file name ending in .png")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--plot: cannot create {path.parent}: {err.strerror}") from None
-    return path
-
-
 def plot_accuracy(report, path: Path) -> Path:
     """Accuracy (or error) against batch size, written to ``path``; see the module docstring."""
-    path = _check_path(path)
-    return _save(accuracy_figure(report), path)
+    path = check_plot_path(path)
+    return save_figure(accuracy_figure(report), path)
 
 
 def accuracy_figure(report):
@@ -205,13 +169,21 @@ def curves(runs) -> dict[int, dict[str, list[tuple[float, float, float, float]]]
 
 
 def plot_curves(report, path: Path) -> Optional[Path]:
-    """Test accuracy against epoch, one panel per batch size; None when no run logged any."""
+    """Test accuracy against epoch, one panel per batch size, written to ``path``; None when no
+    run logged any."""
+    path = check_plot_path(path)
+    fig = curves_figure(report)
+    return None if fig is None else save_figure(fig, path)
+
+
+def curves_figure(report):
+    """The figure of :func:`plot_curves` (None without data): a panel per batch size, a line
+    per method named by its display name."""
     from matplotlib.ticker import MaxNLocator
 
     data = curves(report.runs)
     if not data:
         return None
-    path = _check_path(path)
     batches = sorted(data)
     cols = min(len(batches), 4)
     rows = (len(batches) + cols - 1) // cols
@@ -246,4 +218,4 @@ def plot_curves(report, path: Path) -> Optional[Path]:
              va="bottom", fontsize=7, color="0.4")
     legend_rows = (len(handles) + 5) // 6
     fig.tight_layout(rect=(0, 0.03 + 0.035 * legend_rows, 1, 1))
-    return _save(fig, path)
+    return fig

@@ -1,6 +1,11 @@
 """Writing a report out: a rich terminal rendering (the analysis tables go to files only),
 Markdown, CSV (tidy: one row per table × method × batch, with its unit) and JSON, and the
 ``--format`` list that picks the files.
+
+Units are named as in :mod:`normbench.report.units`: the ``unit`` column of ``report.csv`` is
+the unit of that row's mean, interval, std and text (``n`` and ``n_*`` count runs);
+``report.json`` gives each table's ``unit``, a ``units`` map (table key -> unit) and what each
+unit used means (``unit_meanings``). Accuracies are in percent everywhere.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from normbench.errors import UserError, did_you_mean
 from normbench.report.tables import Report
+from normbench.report.units import meaning
 from normbench.tracking import atomic_write, dumps_json
 
 FORMATS = ("md", "csv", "json")
@@ -60,10 +66,12 @@ def _escape(text: str) -> str:
 
 def to_markdown(report: Report) -> str:
     """``report.md``: every table with its title and note; the best cell in bold with a *."""
-    lines = [f"# normbench report", "",
+    lines = ["# normbench report", "",
              f"{len(report.runs)} runs; accuracy metric: {report.metric} "
              f"({'test error' if report.error else 'test accuracy'}). \\* = best in its column: its "
-             "95% interval lies clear of every other cell's.", ""]
+             "95% interval lies clear of every other cell's.", "",
+             "Units: accuracies in percent (%) of the test images, differences of accuracies in percentage "
+             "points; each table's unit is in its title (report.csv: the `unit` column).", ""]
     for table in report.tables:
         lines += [f"## {table.title}", "", f"_{table.note}_", ""]
         lines.append("| method | " + " | ".join(table.column(b) for b in table.batch_sizes) + " |")
@@ -109,6 +117,8 @@ def to_json(report: Report) -> str:
     """``report.json``: every table with its cells (values and run folders included) and the runs."""
     body = {
         "metric": report.metric, "error": report.error, "n_runs": len(report.runs),
+        "units": {t.key: t.unit for t in report.tables},
+        "unit_meanings": {u: meaning(u) for u in dict.fromkeys(t.unit for t in report.tables) if meaning(u)},
         "tables": [{
             "key": t.key, "title": t.title, "unit": t.unit, "note": t.note, "methods": t.methods,
             "names": [t.label(m) for m in t.methods], "batch_sizes": t.batch_sizes,

@@ -142,7 +142,8 @@ def batch_stats_table(runs: list):
         return None if v is None else 100.0 * v
 
     table = make_table(rows, "batch_stats_accuracy",
-                       "Test accuracy (%) with running, batch and precise-BN statistics", "%", get, None, 2, True,
+                       "Test accuracy (%) with running, batch and precise-BN statistics", "percent", get, None, 2,
+                       True,
                        note="batch-statistics methods: test accuracy with the running statistics (eval mode, "
                             "the usual test accuracy), with each test batch of the run's batch size "
                             "normalized by its own statistics (train mode), and with the running statistics "
@@ -153,11 +154,12 @@ def batch_stats_table(runs: list):
     return table
 
 
-FIXED_PROBE = (("probe_beta_median", "probe_beta_fixed", "Fixed-probe effective β-smoothness (median over the run)",
-                "‖Δg‖/t", 2, "β = least-squares slope of the gradient change ‖g(θ − t d) − g(θ)‖ against the "
+FIXED_PROBE = (("probe_beta_median", "probe_beta_fixed",
+                "Fixed-probe effective β-smoothness, median over the run (‖Δg‖/t)", "grad norm per unit distance", 2,
+                "β = least-squares slope of the gradient change ‖g(θ − t d) − g(θ)‖ against the "
                 "distance t along the normalized gradient d, on a held-out test batch, at the same distances "
                 "for every batch size and lr; per run the median over its fixed probes"),
-               ("probe_linearity_median", "probe_linearity_fixed", "Fixed-probe linearity (median over the run)",
+               ("probe_linearity_median", "probe_linearity_fixed", "Fixed-probe linearity, median over the run (ratio)",
                 "ratio", 3, "(‖Δg‖/t at the largest t) / (the same at the smallest t): 1 where the gradient "
                 "changes linearly with the distance; per run the median over its fixed probes"))
 

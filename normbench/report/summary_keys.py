@@ -30,7 +30,7 @@ ANALYSIS_COLUMNS = [
     ("test_acc_train_mode", "acc (train mode)"),
     ("train_eval_gap", "train-eval gap"),
     ("test_acc_precise_bn", "acc (precise BN)"),
-    ("dead_unit_frac", "dead units"),
+    ("dead_unit_frac", "dead units, share of channels"),
     ("probe_beta_mean", "probe beta (mean, lr-mode probe)"),
     ("probe_grad_pred_mean", "probe grad change (mean, lr-mode probe)"),
     ("probe_loss_range_mean", "probe loss range (mean, lr-mode probe)"),
@@ -45,9 +45,12 @@ def summary_columns() -> list[tuple[str, str]]:
 
 
 def summary_units() -> dict[str, tuple[float, str]]:
-    """summary key -> (scale, unit) the report shows it in: fractions as percent."""
-    pct = {k: (100.0, "%") for k in ("test_acc_eval_mode", "test_acc_train_mode", "test_acc_precise_bn")}
-    return {**pct, "train_eval_gap": (100.0, "points"), "dead_unit_frac": (100.0, "% of channels")}
+    """summary key -> (scale, unit) the report shows it in (units named as in
+    :mod:`normbench.report.units`): fractions as percent, their differences in points."""
+    pct = {k: (100.0, "percent") for k in ("test_acc_eval_mode", "test_acc_train_mode", "test_acc_precise_bn",
+                                           "dead_unit_frac")}
+    return {**pct, "train_eval_gap": (100.0, "points"), "probe_beta_mean": (1.0, "grad norm per unit distance"),
+            "probe_grad_pred_mean": (1.0, "grad norm"), "probe_loss_range_mean": (1.0, "nats")}
 
 
 def value(summary: dict, key: str) -> Optional[float]:

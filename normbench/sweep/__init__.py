@@ -13,8 +13,10 @@ One job per module, each using only the ones above it:
 * :mod:`~normbench.sweep.layout`: local workers and threads per worker.
 * :mod:`~normbench.sweep.plan`: which cells to train, in which order, packed how; the
   manifest; the data made ready first.
-* :mod:`~normbench.sweep.estimate`: the dry run's time estimate.
-* :mod:`~normbench.sweep.display`: the progress views.
+* :mod:`~normbench.sweep.timing_probe`, :mod:`~normbench.sweep.estimate`: the dry run's
+  time estimate (the measurements, then the schedule).
+* :mod:`~normbench.sweep.display`: the progress views; :mod:`~normbench.sweep.results`: the
+  results table printed at the end.
 * :mod:`~normbench.sweep.signals`, :mod:`~normbench.sweep.local`,
   :mod:`~normbench.sweep.ray_backend`: the two executors (``LocalExecutor``: N spawned
   worker processes; ``RayExecutor``: every task a Ray task) and their interrupt handling.

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 ATTEMPT_MARK = "=== normbench sweep: training"
 
-Notify = Callable[..., None]  # notify("start", index, total_steps, done_steps) / ("step", index, step)
+Notify = Callable[..., None]  # notify("start", index, total_steps, done_steps) / ("step", index, step, eta)
+# / ("phase", index, step, text or None when it ended, eta): see cell_progress
 
 
 @contextmanager
@@ -52,28 +53,48 @@ def redirect_output(path: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def cell_progress(notify: Optional[Notify], index: int):
-    """The engine's progress for a cell: plain lines into its train.log, step counts to ``notify``."""
+def cell_progress(notify: Optional[Notify], index: int, min_interval_s: float = 0.5):
+    """The engine's progress for a cell: plain lines into its train.log, and to ``notify``
+    (the sweep's parent) its start, its steps and phases with its own ETA, at most one
+    message every ``min_interval_s`` seconds except a phase's beginning and end."""
     from normbench.progress import PlainProgress
 
     class CellProgress(PlainProgress):
-        """Plain lines into the cell's train.log, and step counts to the sweep's parent."""
+        """Plain lines into the cell's train.log; steps, phases and the ETA to the sweep's parent."""
 
         def __init__(self):
             super().__init__(every_s=30.0, stream=sys.stdout)
-            self._sent = 0.0
+            self._sent: Optional[float] = None
+            self._step = 0
+
+        def _send(self, kind: str, *args, force: bool = False) -> None:
+            now = time.monotonic()
+            if notify and (force or self._sent is None or now - self._sent > min_interval_s):
+                self._sent = now
+                notify(kind, index, self._step, *args, self.eta.seconds_left())
 
         def start(self, run_name, total_steps, done_steps, steps_per_epoch):
             super().start(run_name, total_steps, done_steps, steps_per_epoch)
+            self._step = done_steps
             if notify:
                 notify("start", index, total_steps, done_steps)
 
         def update(self, step, metrics):
             super().update(step, metrics)
-            now = time.monotonic()
-            if notify and now - self._sent > 0.5:
-                self._sent = now
-                notify("step", index, step)
+            self._step = step
+            self._send("step")
+
+        def begin_phase(self, kind, what, total=0, unit="test images"):
+            super().begin_phase(kind, what, total, unit)
+            self._send("phase", self.eta.phase_text(), force=True)
+
+        def advance_phase(self, done):
+            super().advance_phase(done)
+            self._send("phase", self.eta.phase_text())
+
+        def end_phase(self):
+            super().end_phase()
+            self._send("phase", None, force=True)
 
     return CellProgress()
 

@@ -36,7 +36,8 @@ def worker_main(worker_id: int, task_q, result_q, threads: int, parent_pid: int,
     """A local worker: pull a task, train it (output to its train.log), post the result; repeat.
 
     Events to the parent, as tuples: (ready, id), (claim, id, index), (start, id, index,
-    total steps, done steps), (step, id, index, step), (result, id, CellResult)."""
+    total steps, done steps), (step, id, index, step, eta), (phase, id, index, step, phase text
+    or None at its end, eta), (result, id, CellResult); eta: the cell's own seconds left."""
     set_parent_death_signal()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -177,6 +178,7 @@ class _LocalRun:
                 self.handle(event)
                 continue
             # quiet half-second: look for dead workers and for cells lost with them
+            self.display.tick()
             self.reap_dead_workers()
             self.requeue_lost()
             if not self.procs:
@@ -226,7 +228,9 @@ class _LocalRun:
         elif kind == "start":
             self.display.started(event[2], self.by_index[event[2]].name, event[3], event[4])
         elif kind == "step":
-            self.display.step(event[2], event[3])
+            self.display.step(event[2], event[3], *event[4:5])
+        elif kind == "phase":
+            self.display.phase(event[2], event[3], event[4], *event[5:6])
         elif kind == "result":
             self.state[wid] = "idle"
             self.claims.pop(wid, None)

@@ -111,6 +111,9 @@ def write_manifest(sweep: Sweep) -> None:
         "sweep_file": str(sweep.path.resolve()), "description": sweep.description, "axes": sweep.axes,
         "cells": [{"index": c.index, "name": c.name, "values": c.values, "run_dir": str(c.run_dir)}
                   for c in sweep.cells]})
+    from normbench.tensorboard_sweep import write_sweep_experiment  # the HParams experiment at the root
+
+    write_sweep_experiment(sweep.out_dir, [c.cfg for c in sweep.cells])
 
 
 def ensure_data(sweep: Sweep, log: Callable[[str], None]) -> None:

@@ -251,6 +251,8 @@ class RayExecutor:
                         by_index[t.index] = waiting(t)
                     deferred = []
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+                if not done:
+                    self.display.tick()
                 for ref in done:
                     index = refs.pop(ref)
                     try:

@@ -15,6 +15,11 @@ that steps (one run's model, or several runs packed into one network) and keeps 
 * on SIGINT / SIGTERM (:class:`~normbench.training.signals.StopFlag`) each healthy run writes a
   checkpoint and ends as ``interrupted``;
 * at the end each run writes its summary (with the end-of-run measurements if it completed).
+
+The progress view hears of every phase that is not training (each evaluation, with the test
+images done; the landscape probes and epoch-end measurements; the end-of-run measurements)
+and of the evaluations and measurements still due, so that its ETA counts them
+(:mod:`normbench.training.phases`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import time
 from typing import Protocol
 
 from normbench.evaluation import buffers_finite
-from normbench.progress import Progress
+from normbench.progress import Progress, percent
+from normbench.training.phases import FinalWork, evaluations_due_after, final_work
 from normbench.training.run import Run
 from normbench.training.signals import StopFlag
 
@@ -38,21 +44,26 @@ class Stepper(Protocol):
     def begin_epoch(self) -> None: ...
     def step(self, plans: list, i: int) -> None: ...  # one optimizer step of every run on batch i
     def sync(self) -> None: ...  # make every run's model and optimizer hold the current weights
-    def evaluate(self) -> list[dict]: ...  # test loss and accuracy of every run
+    def evaluate(self, on_images=None) -> list[dict]: ...  # test loss and accuracy of every run;
+    # on_images(n): n test images evaluated so far (progress only)
 
 
 def healthy(stepper: Stepper) -> list[Run]:
     return [r for r in stepper.runs if r.healthy]
 
 
-def probe_due(stepper: Stepper) -> None:
+def probe_due(stepper: Stepper, progress: Progress = Progress()) -> None:
     """Fixed-mode landscape probes due before this step, each on its run's current weights."""
     due = [r for r in stepper.runs  # every step: the cheap test first
            if r.analysis is not None and r.analysis.next_probe_step == r.state.step and r.healthy]
     if due:
-        stepper.sync()
-        for r in due:
-            r.analysis.probe_if_due(r)
+        progress.begin_phase("probe", f"probing the loss landscape at step {due[0].state.step}")
+        try:
+            stepper.sync()
+            for r in due:
+                r.analysis.probe_if_due(r)
+        finally:
+            progress.end_phase()
 
 
 class _Clocks:
@@ -77,7 +88,36 @@ def _save(stepper: Stepper, clocks: _Clocks, synced: bool = False) -> float:
     return time.perf_counter()
 
 
-def _end_of_epoch(stepper: Stepper, epoch_done: int, progress: Progress) -> None:
+def _evaluate(stepper: Stepper, epoch_done: int, progress: Progress, final: FinalWork) -> list[dict]:
+    """Every run's test evaluation, shown as a phase; the ETA hears what is due after it."""
+    lead = stepper.runs[0]
+    n_test = len(lead.data.test_y)
+    progress.work_left(evaluations_due_after(lead.cfg, epoch_done) + final.passes, n_test, final.forward_images)
+    progress.begin_phase("evaluation", "evaluating", n_test)
+    try:
+        return stepper.evaluate(on_images=progress.advance_phase)
+    finally:
+        progress.end_phase()
+
+
+def _epoch_end_measurements(stepper: Stepper, epoch_done: int, progress: Progress) -> None:
+    """Dead units and the probes due now, each on its run's own model, shown as a phase when
+    there are any."""
+    measured = [r for r in healthy(stepper) if r.analysis is not None]
+    if not measured:
+        return
+    busy = any(r.analysis.dead or r.analysis.next_probe_step == r.state.step for r in measured)
+    if busy:
+        progress.begin_phase("probe", f"epoch {epoch_done} measurements")
+    try:
+        for r in measured:
+            r.analysis.on_epoch_end(r, epoch_done, r.tb)
+    finally:
+        if busy:
+            progress.end_phase()
+
+
+def _end_of_epoch(stepper: Stepper, epoch_done: int, progress: Progress, final: FinalWork) -> None:
     lead, cfg = stepper.runs[0], stepper.runs[0].cfg
     stepper.sync()
     if epoch_done % cfg.train.eval_every == 0 or lead.state.step >= lead.total_steps:
@@ -91,15 +131,25 @@ def _end_of_epoch(stepper: Stepper, epoch_done: int, progress: Progress) -> None
                 r.stop("diverged", r.state.step, f"buffer {bad_buffer} is not finite after step {r.state.step}")
         if not healthy(stepper):
             return
-        for r, result in zip(stepper.runs, stepper.evaluate()):
+        for r, result in zip(stepper.runs, _evaluate(stepper, epoch_done, progress, final)):
             if not r.healthy:
                 continue
             r.record_eval(epoch_done, result)
             who = f"{r.cfg.run_name} " if len(stepper.runs) > 1 else ""
-            progress.message(f"{who}epoch {epoch_done}: test acc {result['acc']:.4f}, loss {result['loss']:.4f}")
-    for r in healthy(stepper):  # dead units, probes due now: on each run's own model
-        if r.analysis is not None:
-            r.analysis.on_epoch_end(r, epoch_done, r.tb)
+            progress.message(f"{who}epoch {epoch_done}: test acc {percent(result['acc'])}, loss {result['loss']:.4f}")
+    _epoch_end_measurements(stepper, epoch_done, progress)
+
+
+def _finish_runs(stepper: Stepper, progress: Progress) -> list[dict]:
+    """Every run's summary; the end-of-run measurements of the completed ones shown as a phase."""
+    final = final_work(healthy(stepper))
+    if final.parts:
+        progress.begin_phase("measurements", final.text())
+    try:
+        return [r.finish(stepper.summary_extra) for r in stepper.runs]
+    finally:
+        if final.parts:
+            progress.end_phase()
 
 
 def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dict]:
@@ -110,6 +160,9 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
     for r in runs:
         r.open_log()
     progress.start(stepper.label, lead.total_steps, lead.state.step, spe)
+    final = final_work(healthy(stepper))
+    progress.work_left(evaluations_due_after(cfg, lead.state.step // spe) + final.passes, len(lead.data.test_y),
+                       final.forward_images)
     clocks = _Clocks(runs)
     for r in runs:
         r.metrics.restart_clock()
@@ -120,7 +173,7 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
             plans = stepper.plans(epoch)
             stepper.begin_epoch()
             for i in range(in_epoch, spe):
-                probe_due(stepper)
+                probe_due(stepper, progress)
                 stepper.step(plans, i)
                 if len(lead.metrics) >= cfg.train.log_every or i == spe - 1:
                     for r in runs:
@@ -144,14 +197,18 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
                 for r in healthy(stepper):
                     r.stop("interrupted")
                 break
-            _end_of_epoch(stepper, lead.state.step // spe, progress)
+            _end_of_epoch(stepper, lead.state.step // spe, progress, final)
             if not healthy(stepper):
                 break
             last_save = _save(stepper, clocks, synced=True)  # _end_of_epoch synced; measurements use copies
             for r in runs:
                 r.metrics.restart_clock()
+        for r in runs:  # every healthy run was synced at its last checkpoint
+            clocks.stamp(r)
+        return _finish_runs(stepper, progress)
+    except Exception:  # TensorBoard shows the runs as failed (the caller records the failure)
+        for r in runs:
+            r.close_log("failed")
+        raise
     finally:
         progress.finish()
-    for r in runs:  # every healthy run was synced at its last checkpoint
-        clocks.stamp(r)
-    return [r.finish(stepper.summary_extra) for r in runs]

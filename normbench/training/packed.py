@@ -125,7 +125,9 @@ class PackedStepper:
             m.state.step += 1
 
     @torch.no_grad()
-    def evaluate(self) -> list[dict]:
+    def evaluate(self, on_images=None) -> list[dict]:
+        """Every member's test loss and accuracy from one pass of the packed network;
+        ``on_images(n)`` hears after each batch how many test images are done."""
         lead = self.runs[0]
         batch_size = self.cfg.train.eval_batch_size
         self.model.eval()
@@ -141,6 +143,8 @@ class PackedStepper:
             yk = y[:, None].expand(-1, self.k)
             loss += F.cross_entropy(out.transpose(1, 2).float(), yk, reduction="none").sum(0).to(wide)
             correct += (out.argmax(2) == yk).sum(0)
+            if on_images is not None:
+                on_images(min(start + batch_size, n))
         self.model.train()
         return [{"loss": float(l) / n, "acc": int(c) / n} for l, c in zip(loss.tolist(), correct.tolist())]
 

@@ -18,10 +18,13 @@ from typing import Optional
 
 import torch
 
+from normbench import __version__
 from normbench.config import RunConfig
 from normbench.errors import UserError
 from normbench.progress import Progress
-from normbench.tracking import RunDir, TensorBoardLog, git_commit
+from normbench.hparams import config_hparams, final_metrics, runtime_hparams
+from normbench.tensorboard_log import TensorBoardLog
+from normbench.tracking import RunDir, git_commit
 from normbench.training.metrics import StepMetrics
 from normbench.training.records import check_recorded_data
 
@@ -38,9 +41,12 @@ class RunState:
     clip_steps: int = 0
 
 
-def hparams_of(cfg: RunConfig) -> dict:
-    return {"norm": cfg.norm.kind, "batch_size": cfg.train.batch_size, "clip": cfg.clip.mode,
-            "lr": cfg.optim.lr, "epochs": cfg.train.epochs, "seed": cfg.seed, "arch": cfg.model.arch}
+def hparams_of(run: "Run") -> dict:
+    """The values TensorBoard's HParams dashboard shows for a run (:mod:`normbench.hparams`):
+    its config, resolved (the peak LR of its global batch, the norm's eps), and what it
+    resolved when it started (device, compile mode, memory format, world size)."""
+    world = run.dist.world_size
+    return {**config_hparams(run.cfg, world), **runtime_hparams(run.device, run.compile_mode, run.channels_last, world)}
 
 
 class Run:
@@ -161,7 +167,21 @@ class Run:
     def open_log(self) -> TensorBoardLog:
         self.tb = TensorBoardLog(self.run_dir.tb, self.cfg.log.tensorboard and self.dist.is_main,
                                  purge_step=self.state.step or None)
+        if self.tb.enabled:
+            note = self.tb.begin_hparams(hparams_of(self), self.run_dir.path.parent, self.state.wall_time_s)
+            if note:
+                self.progress.message(note)
         return self.tb
+
+    def close_log(self, status: str) -> None:
+        """End the TensorBoard log: the HParams entry as ``status`` with the final metrics
+        (test accuracy in percent, best test accuracy, last train loss), then close it."""
+        if self.tb is None:
+            return
+        st = self.state
+        self.tb.end_hparams(status, final_metrics(status, st.last_eval, st.best_acc, self.last_record.get("train/loss")),
+                            st.step)
+        self.tb.close()
 
     def flush(self) -> Optional[int]:
         """Log the pending steps as one metrics line; return the first non-finite step, if any."""
@@ -200,11 +220,7 @@ class Run:
         summary = {**self.summary(self.status, self.diverged_step, self.note), **(extra or {})}
         if self.analysis is not None and self.status == "completed":
             summary.update(self.analysis.on_finish(self, self.tb))
-        if self.status in ("completed", "diverged"):
-            self.tb.hparams(hparams_of(self.cfg),
-                            {"hparam/test_acc": summary["final_test_acc"] or float("nan"),
-                             "hparam/best_test_acc": summary["best_test_acc"] or float("nan")})
-        self.tb.close()
+        self.close_log(self.status)
         self.run_dir.write_summary(summary)
         return summary
 
@@ -239,5 +255,6 @@ class Run:
             "data_fingerprint": self.data.fingerprint,
             "train_size": len(self.data.train_y),
             "git_commit": git_commit(),
+            "normbench_version": __version__,
             "config": self.cfg.to_dict(),
         }

@@ -66,9 +66,10 @@ class SoloStepper:
     def sync(self) -> None:
         """The run's model is the stepping model: nothing to copy."""
 
-    def evaluate(self) -> list[dict]:
+    def evaluate(self, on_images=None) -> list[dict]:
         r = self.run
-        return [evaluate(r.model, r.data, r.normalize, r.cfg.train.eval_batch_size, dist_ctx=r.dist)]
+        return [evaluate(r.model, r.data, r.normalize, r.cfg.train.eval_batch_size, dist_ctx=r.dist,
+                         on_images=on_images)]
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> None:

@@ -1,0 +1,71 @@
+"""What every plot of the report shares: the figure, the batch-size axis, the file formats
+(``--plot`` picks one by its extension: ``.png``, ``.svg`` or ``.pdf``) and the writer.
+
+Every plot of one ``normbench report --plot FILE`` call is written in FILE's format: the
+accuracy plot to FILE, the others beside it under their own names with the same extension.
+SVG keeps its text as text (method names can be searched and edited), PDF embeds TrueType
+fonts. Matplotlib is imported only when a figure is drawn.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from normbench.errors import UserError
+from normbench.tracking import atomic_write
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def plot_format(path: Path) -> str:
+    """The format of a ``--plot`` file from its extension; anything else is a UserError."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        allowed = ", ".join(f".{f}" for f in PLOT_FORMATS)
+        raise UserError(f"--plot: got '{path}'; give a file name ending in one of {allowed}")
+    return suffix
+
+
+def check_plot_path(path: Path) -> Path:
+    """``path`` once its format is known and its folder exists (created when missing)."""
+    path = Path(path)
+    plot_format(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--plot: cannot create {path.parent}: {err.strerror}") from None
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (atomically) in the format its extension names."""
+    from matplotlib import rc_context
+
+    path = Path(path)
+    buf = io.BytesIO()
+    with rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        fig.savefig(buf, format=plot_format(path))
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def batch_axis(ax, batches: list[int]) -> None:
+    """Log2 batch-size x axis from the largest batch on the left to the smallest on the right,
+    as in Wu & He (2018); shared by every plot of the report."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.minorticks_off()
+    if batches:
+        ax.set_xlim(max(batches) * 1.25, min(batches) / 1.25)
+    ax.set_xlabel("batch size (images per step)")
+
+
+def figure(rows: int, cols: int, width: float, height: float, dpi: int = 150, **kw):
+    """A matplotlib figure (Agg, no pyplot state) and its ``rows`` × ``cols`` grid of axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
