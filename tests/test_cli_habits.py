@@ -37,7 +37,10 @@ def test_root_help_offers_shell_completion():
     assert "--install-completion" in out and "--show-completion" in out
 
 
-def test_show_completion_prints_a_script_for_normbench():
+def test_show_completion_prints_a_script_for_normbench(monkeypatch):
+    # typer detects the user's shell from the process tree, which a test worker may not have;
+    # its documented switch makes --show-completion take the shell by name instead
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     result = invoke("--show-completion", "bash")
     assert result.exit_code == 0, result.output
     assert "_NORMBENCH_COMPLETE=complete_bash" in result.output and "complete " in result.output

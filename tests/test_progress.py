@@ -306,6 +306,12 @@ def test_a_real_sweep_prints_percent_and_its_results_table(tmp_path, synth_root)
                for line in lines)
     log = next(out.glob("*/train.log")).read_text()
     assert "test acc " in log and "%" in log.split("test acc ")[1].split("\n")[0]
+    # run again: nothing left to train, and the table still says what the sweep holds
+    again = run_cli("sweep", str(path), "--workers", "2", "--threads-per-worker", "1", "--no-progress")
+    assert again.returncode == 0, again.stdout + again.stderr
+    lines = again.stdout.splitlines()
+    header = lines.index("results: final test accuracy (mean and range over seeds)")
+    assert lines[header + 2].split() == row
 
 
 # ----------------------------------------------------------------------------- the dry run's estimate

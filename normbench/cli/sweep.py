@@ -104,10 +104,12 @@ def sweep(
             gpus = sw.worker_gpus(spec.cells, os.environ.get("CUDA_VISIBLE_DEVICES"), sw.cuda_device_count())
             executor = sw.LocalExecutor(n_workers, n_threads, display, gpus=gpus)
         display.begin(len(plan.tasks), {t.index: t.cost for t in plan.tasks}, out_dir=spec.out_dir)
+        ran = False
         try:
             results = executor.run(plan.tasks)
+            ran = True
         finally:
-            display.end()
+            display.end(show_results=ran)  # after an error, its one line is all that is said
     except UserError as err:
         fail(str(err))
         return

@@ -32,7 +32,9 @@ class SweepDisplay:
     def tick(self) -> None: ...
     def finished(self, result: CellResult) -> None: ...
     def message(self, text: str) -> None: ...
-    def end(self) -> None: ...
+    def end(self, show_results: bool = True) -> None:
+        """Stop the view; print the sweep's results table unless ``show_results`` is False
+        (the sweep stopped on an error, which is then the only thing said)."""
 
 
 def result_line(result: CellResult) -> str:
@@ -222,10 +224,10 @@ class PlainSweepDisplay(ResultsAtEnd, SweepDisplay):
     def message(self, text):
         self._print(text)
 
-    def end(self):
+    def end(self, show_results=True):
         from normbench.sweep.results import plain_table
 
-        results = self._results()
+        results = self._results() if show_results else None
         if isinstance(results, str):
             self._print(results)
         elif results is not None:
@@ -316,11 +318,11 @@ class RichSweepDisplay(ResultsAtEnd, SweepDisplay):
     def message(self, text):
         self.console.print(text, highlight=False)
 
-    def end(self):
+    def end(self, show_results=True):
         from normbench.sweep.results import rich_table
 
         self.bar.stop()
-        results = self._results()
+        results = self._results() if show_results else None
         if isinstance(results, str):
             self.console.print(results, highlight=False)
         elif results is not None:
