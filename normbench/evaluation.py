@@ -26,8 +26,8 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     """Test loss and accuracy over the whole test set. ``train_mode`` uses each test batch's
     own statistics (BN-like layers) without touching the running statistics. Under torchrun
     each rank takes every world_size-th test batch and the sums are all-reduced.
-    ``on_images(n)``, when given, hears after each batch how far along the test set this
-    process is (for a progress view; it reads nothing from the device)."""
+    ``on_images(n)``, when given, hears after each batch how far along the test set the job is
+    (all ranks together; for a progress view; it reads nothing from the device)."""
     from normbench.distributed import DistContext, all_reduce_sum
 
     dist_ctx = dist_ctx or DistContext()
@@ -45,8 +45,8 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
         out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
-        if on_images is not None:
-            on_images(min(start + batch_size, usable))
+        if on_images is not None:  # all ranks step together: the images the whole job has evaluated
+            on_images(min(start - dist_ctx.rank * batch_size + batch_size * dist_ctx.world_size, usable))
     if saved is not None:
         model.load_state_dict(saved)
     model.train()

@@ -380,3 +380,39 @@ def test_check_estimate_reads_the_dry_runs_estimate():
     assert mod.estimate_from(out) == 369
     with pytest.raises(ValueError):
         mod.estimate_from("no estimate here")
+
+
+def test_a_cell_that_could_not_be_probed_is_left_out_of_the_estimate_not_a_crash(tmp_path):
+    from normbench.sweep.estimate import cell_cost, estimate
+    from normbench.sweep.timing_probe import ProbeTimes
+
+    plan = _plan(tmp_path, **{"train.epochs": 2, "train.batch_size": 10})  # checkpoint_every_s: the default 300
+    bn = next(t for t in plan.tasks if t.config.norm.kind == "bn").config
+    cost = cell_cost(bn, ProbeTimes.unknown(), n_train=500, n_test=1000, data_load_s=2.0)
+    assert cost.total_s != cost.total_s  # NaN: unknown, not a number made up
+    times = ProbeTimes(step_s=0.1, eval_image_s=0.001, train_forward_image_s=0.01, build_s=0.5, checkpoint_s=0.2)
+    per_task, total = estimate(plan, workers=1,
+                               measure=lambda cfg, threads: ProbeTimes.unknown() if cfg.norm.kind == "bn" else times,
+                               start_s=lambda device: 4.0, load=lambda cfg: (500, 1000, 2.0))
+    by_norm = {t.config.norm.kind: per_task[t.index] for t in plan.tasks}
+    assert by_norm["bn"] != by_norm["bn"] and by_norm["gn"] > 0 and total == total
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_reports_the_whole_jobs_images_on_every_rank(world_size, monkeypatch):
+    import torch
+
+    from normbench import distributed
+    from normbench.evaluation import evaluate
+
+    class Data:
+        test_x = torch.zeros(50, 3, 4, 4)
+        test_y = torch.zeros(50, dtype=torch.long)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t, ctx: t)  # this process stands in for rank 0
+    seen = []
+    evaluate(model, Data(), lambda x: x, 8, dist_ctx=distributed.DistContext(rank=0, world_size=world_size),
+             on_images=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 50, seen  # rank 0 ends at the whole test set
+    assert seen[0] == min(50, 8 * world_size)

@@ -22,42 +22,20 @@ def analyze_run(path, recalibrate: bool = False, recal_batch_size: Optional[int]
     Updates ``summary.json`` atomically (other keys kept) when the run has one; returns the
     measured fields. User mistakes (not a run folder, unreadable files) raise UserError.
     """
-    from pathlib import Path
-
-    from normbench.config import load_config, validate_config
     from normbench.data import Normalizer, load_cifar10
-    from normbench.device import build_model_on, resolve_device
     from normbench.errors import UserError
+    from normbench.model_io import load_run_model
     from normbench.norms import get_scheme
     from normbench.tracking import RunDir
 
-    run = RunDir(Path(path))
-    if not run.path.is_dir():
-        raise UserError(f"run folder not found: {run.path}")
-    if not run.config.is_file():
-        raise UserError(f"{run.path} is not a run folder (no config.yaml)")
-    ckpt = run.load_checkpoint()
-    if ckpt is None:
-        raise UserError(f"{run.path} has no checkpoint.pt to analyze (the run never finished an epoch)")
-    cfg = load_config(run.config)
-    if device is not None:
-        cfg = validate_config({**cfg.to_dict(), "device": device}, source="--device")
-    dev = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model, channels_last = build_model_on(cfg, dev)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as err:
-        raise UserError(f"checkpoint of {run.path} does not fit the model its config builds: "
-                        f"{str(err).splitlines()[0]}") from None
+    loaded = load_run_model(path, device=device)  # UserError: not a run folder, no or unusable checkpoint
+    cfg, dev, model = loaded.cfg, loaded.device, loaded.model
     model.train()
     data = load_cifar10(cfg.data, log=log).to(dev)
-    normalize = Normalizer(dev, channels_last)
+    normalize = Normalizer(dev, loaded.channels_last)
     batch = cfg.train.batch_size
     scheme = get_scheme(cfg.norm.kind)
-    out: dict = {"analyzed_step": int(ckpt.get("state", {}).get("step", 0))}
+    out: dict = {"analyzed_step": loaded.step}
     with preserved_rng(dev):
         out.update(train_eval_gap(model, data, normalize, batch, cfg.train.eval_batch_size))
         if recalibrate:
@@ -77,6 +55,7 @@ def analyze_run(path, recalibrate: bool = False, recal_batch_size: Optional[int]
     out["dead_unit_frac"] = dead.pop("all")
     out["dead_units_by_layer"] = dead
     out["batch_dependent"] = scheme.batch_dependent
+    run = RunDir(loaded.path)
     summary = run.read_summary()
     if summary is not None:
         summary.pop("summary_version", None)

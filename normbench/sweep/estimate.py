@@ -88,7 +88,8 @@ def cell_cost(cfg: RunConfig, t: ProbeTimes, n_train: int, n_test: int, data_loa
     done = min(done_steps, total)
     steps_s = (total - done) * t.step_s
     evaluation_s = evaluations_due_after(cfg, done // spe) * n_test * t.eval_image_s
-    mid_epoch = int(steps_s // cfg.log.checkpoint_every_s) if cfg.log.checkpoint_every_s else 0
+    timed = steps_s == steps_s  # NaN: the cell could not be probed (its cost stays NaN, left out)
+    mid_epoch = int(steps_s // cfg.log.checkpoint_every_s) if cfg.log.checkpoint_every_s and timed else 0
     checkpoints_s = (cfg.train.epochs - done // spe + mid_epoch) * t.checkpoint_s
     return CellCost(steps_s, evaluation_s, _measurements_s(cfg, t, n_train, n_test, done, total), checkpoints_s,
                     data_load_s + t.build_s)

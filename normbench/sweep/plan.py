@@ -13,6 +13,7 @@ from normbench.sweep.layout import cuda_device_count
 from normbench.sweep.spec import Sweep
 from normbench.sweep.state import cell_state, judge_run
 from normbench.sweep.tasks import CellTask, PackTask, Task
+from normbench.training.phases import evaluations_due_after
 
 MANIFEST = "sweep.json"
 # The cell states each mode trains (the rest are left alone).
@@ -98,7 +99,7 @@ def cost_proxy(cfg: RunConfig) -> float:
     n = cfg.data.train_subset or 50000
     steps = (n // cfg.train.batch_size) * cfg.train.epochs
     overhead = STEP_OVERHEAD_IMAGES["cpu" if cfg.device == "cpu" or not cuda_device_count() else "other"]
-    evals = max(1, cfg.train.epochs // cfg.train.eval_every)
+    evals = evaluations_due_after(cfg, 0)
     return (steps * (cfg.train.batch_size + overhead) + evals * EVAL_IMAGES) * cfg.model.width ** 2
 
 
