@@ -57,15 +57,19 @@ def method_recipe(name: str) -> Path:
 
 
 def sweep_file(arg: str) -> Path:
-    """What ``normbench sweep ARG`` reads: the file ``ARG`` if there is one (a path wins),
-    else the example sweep of that name; anything else is one line listing the known names."""
+    """What ``normbench sweep ARG`` reads: the file ``ARG`` if there is one (a file wins),
+    else the example sweep of that name; a directory, or anything else, is one line (listing
+    the known names)."""
     path = Path(arg).expanduser()
-    if path.exists():
+    if path.is_file():
         return path
     names = sweep_names()
     stem = arg[:-len(".yaml")] if arg.endswith(".yaml") and "/" not in arg else arg
     if stem in names:
         return SWEEPS / f"{stem}.yaml"
+    if path.is_dir():
+        raise UserError(f"sweep path {arg} is a directory, not a sweep file; give a sweep's YAML file or the name "
+                        f"of an example sweep: {', '.join(names)}")
     raise UserError(f"sweep file not found: {arg}{did_you_mean(stem, names)}; give a path or the name of an "
                     f"example sweep: {', '.join(names)}")
 

@@ -7,6 +7,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -54,6 +55,82 @@ def test_mirror_flag_decodes_the_given_mirror(tmp_path, no_checkout_mirror):
     code, out = prepare("--mirror", mirror, "--root", tmp_path / "data", "--no-download")
     assert code == 0 and out.endswith(f"CIFAR-10 ready in {tmp_path / 'data' / FOLDER} (source: mirror)"), out
     assert f"decoding the mirror {mirror}" in out
+
+
+def _jpeg_of_size(side: int) -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 20, 30)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _replace_image(arrays: dict, split: str, index: int, blob: np.ndarray) -> None:
+    """Put ``blob`` in place of image ``index`` of ``split``, the offsets after it shifted."""
+    jpeg, offsets = arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"]
+    start, end = offsets[index], offsets[index + 1]
+    arrays[f"{split}_jpeg"] = np.concatenate([jpeg[:start], blob, jpeg[end:]])
+    arrays[f"{split}_offsets"] = np.concatenate([offsets[:index + 1], offsets[index + 1:] - (end - start) + len(blob)])
+
+
+def _garbage_image(arrays):
+    start, end = arrays["test_offsets"][5:7]
+    arrays["test_jpeg"][start:end] = 7  # the same length, no JPEG
+
+
+def _falling_offsets(arrays):
+    arrays["train_offsets"][[3, 4]] = arrays["train_offsets"][[4, 3]]
+
+
+CORRUPT_MIRRORS = {  # what is wrong -> (how to make it, the message's tail after the mirror's path)
+    "label 10": (lambda a: a["train_labels"].__setitem__(3, 10),
+                 " is not a valid CIFAR-10 JPEG mirror: train_labels[3] is 10, not a class 0..9"),
+    "negative label": (lambda a: a["test_labels"].__setitem__(0, -1),
+                       " is not a valid CIFAR-10 JPEG mirror: test_labels[0] is -1, not a class 0..9"),
+    "offsets one short": (lambda a: a.__setitem__("test_offsets", a["test_offsets"][:-1]),
+                          " is not a valid CIFAR-10 JPEG mirror: test_offsets has 20 entries, not 21 "
+                          "(one more than test_labels)"),
+    "offsets falling": (_falling_offsets, " is not a valid CIFAR-10 JPEG mirror: train_offsets do not rise from 0 to"),
+    "nine class names": (lambda a: a.__setitem__("label_names", a["label_names"][:9]),
+                         " is not a valid CIFAR-10 JPEG mirror: label_names has shape (9,), not (10,)"),
+    "no JPEG": (_garbage_image, ": test image 5 is not a JPEG (its bytes are no image Pillow knows)"),
+    "truncated JPEG": (lambda a: _replace_image(a, "test", 4, _jpeg_of_size(32)[:300]),
+                       ": test image 4 cannot be decoded as a JPEG: "),  # then Pillow's words
+    "64 x 64 JPEG": (lambda a: _replace_image(a, "train", 2, _jpeg_of_size(64)),
+                     ": train image 2 is 64 x 64 pixels, not 32 x 32"),
+}
+
+
+def corrupt_mirror(where: Path, what: str) -> Path:
+    """tiny_mirror with one thing wrong (a key of CORRUPT_MIRRORS)."""
+    path = tiny_mirror(where)
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    CORRUPT_MIRRORS[what][0](arrays)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("what", list(CORRUPT_MIRRORS))
+def test_a_corrupt_mirror_is_one_line_naming_the_file_and_what_is_wrong(tmp_path, what):
+    mirror = corrupt_mirror(tmp_path / "m", what)
+    root = tmp_path / "data"
+    with pytest.raises(UserError) as caught:
+        files.decode_mirror(root, mirror)
+    message = str(caught.value)
+    assert message.startswith(f"mirror {mirror}{CORRUPT_MIRRORS[what][1]}") and "\n" not in message, message
+    assert "None" not in message and not (root / FOLDER).exists()
+    assert [p.name for p in root.iterdir()] == []  # no staging folder left
+
+
+@pytest.mark.parametrize("what", ["label 10", "no JPEG"])
+def test_prepare_from_a_corrupt_mirror_exits_2_in_one_line(tmp_path, no_checkout_mirror, what):
+    mirror = corrupt_mirror(tmp_path / "m", what)
+    code, out = prepare("--mirror", mirror, "--root", tmp_path / "data", "--no-download")
+    errors = [line for line in out.splitlines() if "decoding the mirror" not in line]
+    assert code == 2 and len(errors) == 1, out
+    assert errors[0].startswith(f"normbench: error: mirror {mirror}{CORRUPT_MIRRORS[what][1]}"), out
+    assert "Traceback" not in out
 
 
 def test_mirror_variable_is_the_default_of_the_flag(tmp_path, no_checkout_mirror):

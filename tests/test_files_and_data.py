@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import pathlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from normbench.cli import app
 from normbench.errors import UserError
 from normbench.tracking import CHECKPOINT_DIGEST_KEY, RunDir, dumps_json
 
-from conftest import KillAfterStep, REPO, SimulatedKill, run_cli, tiny_overrides
+from conftest import KillAfterStep, SimulatedKill, run_cli, tiny_overrides
 
 
 def snapshot(folder: Path) -> dict:
@@ -60,11 +59,11 @@ def test_data_folder_missing_a_file_is_named_and_left_untouched(tmp_path):
 
 
 def tiny_mirror(where: Path, per_class: int = 2) -> Path:
-    """A mirror in the bundled format with a few JPEGs per class, beside a copy of prepare.py."""
+    """A mirror in the format of the bundled data/cifar10-jpeg.npz, with a few random 32 x 32
+    JPEGs per class in each split (normbench.data.mirror decodes it; no script beside it)."""
     from PIL import Image
 
     where.mkdir()
-    shutil.copy(REPO / "data" / "prepare.py", where / "prepare.py")
     rng = np.random.default_rng(0)
     arrays = {"label_names": np.array([f"class{c}" for c in range(10)])}
     for split in ("train", "test"):
@@ -102,7 +101,8 @@ def test_mirror_fills_only_an_absent_or_empty_folder_and_never_leaves_half_of_it
     assert folder.is_dir() and not any(folder.iterdir())  # three files were written, none of them here
     monkeypatch.setattr(pathlib.Path, "write_bytes", real_write)
 
-    assert D.decode_mirror(root, mirror) == folder
+    assert D.decode_mirror(root, mirror) == folder  # decoded by normbench alone, no script beside the mirror
+    assert sorted(p.name for p in mirror.parent.iterdir()) == ["cifar10-jpeg.npz"]
     assert D.verify(folder) == "mirror" and len(D.load_split(folder, train=False)[1]) == 20
     assert sorted(p.name for p in root.iterdir()) == [D.FOLDER]  # staging folders gone, the stale one too
 

@@ -67,6 +67,20 @@ def test_sweep_file_prefers_an_existing_path_then_a_name(tmp_path, monkeypatch):
         sweep_file("configs/sweeps/nope.yaml")
 
 
+def test_a_directory_never_shadows_an_example_sweep_and_is_not_a_sweep_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "results").mkdir()
+    assert sweep_file("quick") == SWEEPS / "quick.yaml"  # the folder of that name is no sweep file
+    with pytest.raises(UserError, match=r"^sweep path results is a directory, not a sweep file; give a sweep's "
+                                        r"YAML file or the name of an example sweep: brn_momentum_check"):
+        sweep_file("results")
+    result = runner.invoke(app, ["sweep", str(tmp_path), "--dry-run"])
+    out = result.output.strip()
+    assert result.exit_code == 2 and len(out.splitlines()) == 1, out
+    assert f"sweep path {tmp_path} is a directory, not a sweep file" in out and "Traceback" not in out, out
+
+
 def test_a_packaged_sweep_writes_under_the_current_folder(tmp_path, monkeypatch):
     from normbench.sweep import load_sweep
 
@@ -183,6 +197,31 @@ def test_list_json_matches_the_registry_and_the_recipes():
     assert set(sweeps) == set(sweep_names()) and sweeps["small_batch"]["cells"] == 132
     assert sweeps["quick"]["description"].startswith("quick look")
     assert {m["mode"]: m for m in data["clip_modes"]}["agc"]["defaults"] == {"agc_lambda": 0.01, "agc_eps": 1e-3}
+
+
+def test_list_json_names_every_clip_mode_of_the_schema_and_every_scheme_even_undescribed(monkeypatch):
+    import typing
+
+    from normbench.cli import listing
+    from normbench.config import ClipConfig
+    from normbench.norms import available_norms
+
+    schema_modes = typing.get_args(ClipConfig.model_fields["mode"].annotation)
+    assert "agc" in schema_modes and "dynamic" in schema_modes
+    monkeypatch.delitem(listing.CLIP_RULES, "agc")  # as for a mode added to the schema but not to the table
+    monkeypatch.delitem(listing.SCHEME_SETTINGS, "gn")
+    result = runner.invoke(app, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    modes = {m["mode"]: m for m in data["clip_modes"]}
+    assert list(modes) == list(schema_modes)
+    assert modes["agc"] == {"mode": "agc", "clips": listing.UNDESCRIBED_CLIP,
+                            "defaults": {"agc_lambda": 0.01, "agc_eps": 1e-3}}
+    assert modes["dynamic"]["defaults"] == {"alpha": 1.5, "beta": 0.0, "window": 50}
+    assert [s["key"] for s in data["schemes"]] == available_norms()
+    assert {s["key"]: s for s in data["schemes"]}["gn"]["defaults"] == {"eps": 1e-5}
+    plain = runner.invoke(app, ["list"])
+    assert plain.exit_code == 0 and any(line.startswith("agc ") for line in plain.output.splitlines()), plain.output
 
 
 def test_list_on_a_terminal_is_a_rich_table(capsys):

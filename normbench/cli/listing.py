@@ -52,13 +52,22 @@ def schemes() -> list[dict]:
     return out
 
 
+UNDESCRIBED_CLIP = "see the clip.* settings"  # the rule shown for a mode CLIP_RULES does not describe
+
+
 def clip_modes() -> list[dict]:
-    """Every clip.mode with its rule and defaults."""
-    from normbench.config import CLIP_MODES, ClipConfig
+    """Every clip.mode the config schema accepts, with its rule and defaults; a mode missing from
+    CLIP_RULES is still listed, with the clip.* keys named after it (``agc_*`` for ``agc``)."""
+    from typing import get_args
+
+    from normbench.config import ClipConfig
 
     fields = ClipConfig.model_fields
-    return [{"mode": mode, "clips": CLIP_RULES[mode][0],
-             "defaults": {name: fields[name].default for name in CLIP_RULES[mode][1]}} for mode in CLIP_MODES]
+    out = []
+    for mode in get_args(fields["mode"].annotation):
+        rule, keys = CLIP_RULES.get(mode) or (UNDESCRIBED_CLIP, [k for k in fields if k.startswith(f"{mode}_")])
+        out.append({"mode": mode, "clips": rule, "defaults": {name: fields[name].default for name in keys}})
+    return out
 
 
 def methods() -> list[dict]:

@@ -144,7 +144,7 @@ def is_unfilled(folder: Path) -> bool:
     try:
         return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
     except OSError as err:
-        raise UserError(f"cannot read data folder {folder}: {err.strerror}") from None
+        raise UserError(f"cannot read data folder {folder}: {err.strerror or err}") from None
 
 
 def _staging_folder(root: Path) -> Path:
@@ -169,7 +169,7 @@ def _move_into_place(filled: Path, folder: Path) -> None:
         os.rename(filled, folder)  # atomic; replaces an empty directory
     except OSError as err:
         if is_unfilled(folder):
-            raise UserError(f"cannot write CIFAR-10 into {folder}: {err.strerror}") from None
+            raise UserError(f"cannot write CIFAR-10 into {folder}: {err.strerror or err}") from None
 
 
 def _try_download(root: Path) -> bool:
@@ -210,7 +210,7 @@ def _fill(root: Path, write, what: str) -> Path:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     except OSError as err:
-        raise UserError(f"cannot write CIFAR-10 into {root}: {err.strerror}") from None
+        raise UserError(f"cannot write CIFAR-10 into {root}: {err.strerror or err}") from None
     return folder
 
 
@@ -278,7 +278,7 @@ def ensure_cifar10_identity(root: Path, allow_download: bool = True, log=print, 
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"data.root {root} cannot be created: {err.strerror}") from None
+            raise UserError(f"data.root {root} cannot be created: {err.strerror or err}") from None
         if not os.access(root, os.W_OK):
             raise UserError(f"data.root {root} is not writable and has no CIFAR-10 in it")
         if archive is not None:
