@@ -15,7 +15,8 @@ A run is described by
 Each key has one type in every run, so that the dashboard can filter on it: a boolean key is
 logged as a boolean, a number as a number, and a key that may be None or mixes kinds
 (``norm.groups``, ``data.train_subset``, ``train.channels_last``, lists) always as a string,
-None being ``"none"``.
+None being ``"none"``. ``seed`` is a string too (:data:`TEXT_KEYS`): a seed may exceed 2^53,
+which a float64 (TensorBoard's number) would round.
 
 Domains: a sweep declares, for each key, the values its cells take (:func:`domains`), so that
 the dashboard knows which keys vary and offers each value as a filter. The ``run.*`` keys a
@@ -40,6 +41,9 @@ PEAK_LR = "optim.peak_lr"
 STATUS = "run.status"
 STATUSES = ("completed", "diverged", "failed", "interrupted")
 RUNTIME_KEYS = ("run.device", "run.compile", "run.channels_last", "run.world_size")
+# Whole-number keys logged as strings: their values may exceed 2^53, where a float64 would
+# round them (a rounded value lies outside its own domain, and filters would confuse seeds).
+TEXT_KEYS = ("seed",)
 
 FINAL_TEST_ACC = "hparam/final_test_acc_percent"
 BEST_TEST_ACC = "hparam/best_test_acc_percent"
@@ -95,7 +99,7 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> Iterable[tuple[str, str
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _leaves(annotation, key + ".")
         else:
-            yield key, _kind(annotation), key.split(".")
+            yield key, "text" if key in TEXT_KEYS else _kind(annotation), key.split(".")
 
 
 def _excluded(key: str) -> bool:
@@ -213,5 +217,5 @@ def within(hparams: dict[str, Value], known: Domains) -> bool:
 
 
 __all__ = ["BEST_TEST_ACC", "DESCRIPTIONS", "Domains", "FINAL_TEST_ACC", "FINAL_TRAIN_LOSS", "METRICS", "PEAK_LR",
-           "RUNTIME_KEYS", "STATUS", "STATUSES", "config_hparams", "domains", "final_metrics", "kind_of",
+           "RUNTIME_KEYS", "STATUS", "STATUSES", "TEXT_KEYS", "config_hparams", "domains", "final_metrics", "kind_of",
            "merge_domains", "peak_lr", "runtime_hparams", "text", "within"]

@@ -6,7 +6,7 @@ TensorBoard's HParams dashboard reads two kinds of records (``tensorboard.plugin
   filter offers; ``differs`` when it has more than one), and the metrics the table shows.
   ``normbench sweep`` writes it at the sweep's folder, the root that ``tensorboard --logdir``
   opens, as the union of the values its cells take (:mod:`normbench.tensorboard_sweep`). A log
-  root holds one experiment file (``events.out.tfevents.<time>.normbench-experiment``);
+  root holds one experiment file (``events.out.tfevents.<time in ns>.normbench-experiment``);
   writing it again merges with what it declares (a sweep run again with more cells widens the
   domains), under an exclusive lock on the folder. A run whose values lie outside the
   experiment of its log root adds them when it starts (:func:`join_experiment`), so that no
@@ -160,12 +160,29 @@ def events_blob(summaries: Iterable, step: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def _file_number(path: Path, suffix: str) -> int:
+    """The number in an HParams file's name (``events.out.tfevents.<number><suffix>``); 0
+    where it has none."""
+    middle = path.name[len(EVENTS_PREFIX):-len(suffix)]
+    return int(middle) if middle.isdigit() else 0
+
+
+def new_file_path(folder: Path, suffix: str, older: list[Path]) -> Path:
+    """A name for the next file of this kind: the time in nanoseconds, raised above the
+    numbers of ``older`` where needed, so that each write has its own name (two in one
+    second included; TensorBoard would not read a file again under a name it has read) and
+    the newest sorts last."""
+    number = max([time.time_ns(), *(_file_number(p, suffix) + 1 for p in older)])
+    return Path(folder) / f"{EVENTS_PREFIX}{number:019d}{suffix}"
+
+
 def replace_file(folder: Path, suffix: str, blob: bytes) -> Path:
-    """Write ``blob`` as the folder's one file of this kind: a new file (named after the time,
-    so that it sorts after the files TensorBoard has read) takes the place of the older ones."""
+    """Write ``blob`` as the folder's one file of this kind: a new file (named by
+    :func:`new_file_path`, so that it sorts after the files TensorBoard has read) takes the
+    place of the older ones."""
     folder = Path(folder)
     older = hparams_files(folder, suffix)
-    path = folder / f"{EVENTS_PREFIX}{int(time.time()):010d}{suffix}"
+    path = new_file_path(folder, suffix, older)
     tmp = folder / f".{suffix.lstrip('.')}.{os.getpid()}.tmp"  # no "tfevents": TensorBoard skips it
     try:
         folder.mkdir(parents=True, exist_ok=True)

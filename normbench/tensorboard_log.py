@@ -2,12 +2,16 @@
 
 Scalars are written as they are given, except accuracies: a person reads them in percent, so
 an accuracy tag is written as ``<tag>_percent`` with the value x 100 and a description saying
-so (``test/acc`` -> ``test/acc_percent``; :func:`percent_tag`). ``metrics.jsonl`` and
-``summary.json`` keep fractions under the original names.
+so (``test/acc`` -> ``test/acc_percent``; :func:`percent_tag`), and a difference of two
+accuracies, in percentage points, as ``<tag>_points`` (``gap/train_eval_gap`` ->
+``gap/train_eval_gap_points``). ``metrics.jsonl`` and ``summary.json`` keep fractions under the
+original names.
 
 The HParams entry (:mod:`normbench.tensorboard_hparams`) is begun when the run starts (its
 values are added to the experiment of its log root, if that has one; a resumed run's earlier
-entry is removed) and written when it ends, with how it ended and its final metrics.
+entry is removed) and written when it ends, with how it ended and its final metrics. A
+TensorBoard file that cannot be written (a full disk, a read-only ``tb/``) costs the run its
+TensorBoard entry, never its result: those methods return a line to show instead of raising.
 Disabled (``log.tensorboard: false``, or a rank other than 0), every method does nothing.
 """
 from __future__ import annotations
@@ -24,10 +28,13 @@ ACCURACY_DIFFERENCES = ("gap/train_eval_gap",)
 
 
 def percent_tag(tag: str) -> Optional[str]:
-    """The tag an accuracy scalar is written under in percent, None for other scalars. An
-    accuracy is a tag whose last part has ``acc`` as one of its words (``test/acc``,
-    ``gap/test_acc_train_mode``), or a difference of accuracies (:data:`ACCURACY_DIFFERENCES`)."""
-    if "acc" in tag.rsplit("/", 1)[-1].split("_") or tag in ACCURACY_DIFFERENCES:
+    """The tag an accuracy scalar is written under x 100, None for other scalars. An accuracy
+    is a tag whose last part has ``acc`` as one of its words (``test/acc``,
+    ``gap/test_acc_train_mode``): ``<tag>_percent``; a difference of accuracies
+    (:data:`ACCURACY_DIFFERENCES`) is in percentage points: ``<tag>_points``."""
+    if tag in ACCURACY_DIFFERENCES:
+        return f"{tag}_points"
+    if "acc" in tag.rsplit("/", 1)[-1].split("_"):
         return f"{tag}_percent"
     return None
 
@@ -87,24 +94,40 @@ class TensorBoardLog:
 
         self.hparams = dict(hparams)
         self.started = time.time() - elapsed_s
-        remove_files(self.folder, RUN_HPARAMS_SUFFIX)  # a resumed run is running again
+        notes = []
+        try:
+            remove_files(self.folder, RUN_HPARAMS_SUFFIX)  # a resumed run is running again
+        except OSError as err:
+            notes.append(f"cannot remove this run's earlier HParams entry in {self.folder}: {err.strerror or err}")
         try:
             join_experiment(Path(log_root), self.hparams)
         except UserError as err:
-            return f"TensorBoard: this run's values are not in the experiment of {log_root}: {err}"
-        return None
+            notes.append(f"this run's values are not in the experiment of {log_root}: {err}")
+        return f"TensorBoard: {'; '.join(notes)}" if notes else None
 
-    def end_hparams(self, status: str, metrics: dict[str, float], step: int) -> None:
-        """Write the HParams entry: the run's values and ``status``, its metrics at ``step``."""
+    def end_hparams(self, status: str, metrics: dict[str, float], step: int) -> Optional[str]:
+        """Write the HParams entry: the run's values and ``status``, its metrics at ``step``
+        (once: later calls do nothing). Returns a line to show when it could not be written."""
         if self.writer is None or self.hparams is None:
-            return
+            return None
         from normbench.tensorboard_hparams import write_run_hparams
 
-        write_run_hparams(self.folder, {**self.hparams, STATUS: status}, status, metrics, step, self.started)
-        self.hparams = None
+        hparams, self.hparams = self.hparams, None
+        try:
+            write_run_hparams(self.folder, {**hparams, STATUS: status}, status, metrics, step, self.started)
+        except (UserError, OSError) as err:
+            return f"TensorBoard: this run's HParams entry was not written: {err}"
+        return None
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+    def close(self) -> Optional[str]:
+        """Flush and close the event file (once: later calls do nothing). Returns a line to
+        show when the last events could not be written."""
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return None
+        try:
+            writer.flush()
+            writer.close()
+        except OSError as err:
+            return f"TensorBoard: the last events of {self.folder} were not written: {err.strerror or err}"
+        return None

@@ -17,6 +17,7 @@ from normbench.hparams import (BEST_TEST_ACC, FINAL_TEST_ACC, FINAL_TRAIN_LOSS, 
 from normbench.tensorboard_hparams import (EXPERIMENT_SUFFIX, RUN_HPARAMS_SUFFIX, hparams_files, join_experiment,
                                            read_experiment)
 from normbench.tensorboard_sweep import write_sweep_experiment
+from normbench.progress import Progress
 from normbench.tensorboard_log import TensorBoardLog, percent_tag
 from normbench.tracking import RunDir
 
@@ -123,7 +124,7 @@ def test_a_sweep_declares_the_union_of_its_cells_values_and_the_varying_keys_dif
     assert infos["norm.kind"].differs and discrete(infos["norm.kind"]) == ["bn", "gn"]
     assert infos["train.batch_size"].differs and discrete(infos["train.batch_size"]) == [8, 32]
     assert infos[PEAK_LR].differs and discrete(infos[PEAK_LR]) == [0.1 * 8 / 128, 0.1 * 32 / 128]
-    assert infos["seed"].differs and discrete(infos["seed"]) == [0, 1]
+    assert infos["seed"].differs and discrete(infos["seed"]) == ["0", "1"]  # a string: seeds exceed 2^53
     assert not infos["optim.momentum"].differs and discrete(infos["optim.momentum"]) == [0.9]
     assert not infos["norm.groups"].differs and discrete(infos["norm.groups"]) == ["none"]
     assert "optim.lr x global batch" in infos[PEAK_LR].description
@@ -276,7 +277,7 @@ def test_accuracy_scalars_are_in_percent_and_say_so(tiny_cfg):
 def test_percent_tags():
     assert percent_tag("test/acc") == "test/acc_percent" and percent_tag("train/acc") == "train/acc_percent"
     assert percent_tag("gap/test_acc_train_mode") == "gap/test_acc_train_mode_percent"
-    assert percent_tag("gap/train_eval_gap") == "gap/train_eval_gap_percent"
+    assert percent_tag("gap/train_eval_gap") == "gap/train_eval_gap_points"  # a difference: percentage points
     for other in ("train/loss", "test/loss", "grad/clipped_frac", "dead/all", "probe/beta", "opt/lr",
                   "perf/images_per_s"):
         assert percent_tag(other) is None, other
@@ -340,3 +341,135 @@ def test_disabled_log_writes_nothing(tmp_path):
     log.end_hparams("completed", {FINAL_TEST_ACC: 50.0}, 1)
     log.close()
     assert not (tmp_path / "tb").exists()
+
+
+# ---------------------------------------------------------------------------- what goes wrong
+
+
+class Messages(Progress):
+    """A progress view that keeps the lines it is given."""
+
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+def test_a_huge_seed_is_a_string_in_its_own_domain_and_does_not_rewrite_the_experiment(tmp_path):
+    seed = 2**53 + 1  # a float64 rounds it to 2^53
+    cfg = cfg_of(seed=seed)
+    values = config_hparams(cfg)
+    assert values["seed"] == str(seed) and config_hparams(cfg_of())["seed"] == "0"
+    write_sweep_experiment(tmp_path, [cfg, cfg_of(seed=2**53)])
+    (before,) = hparams_files(tmp_path, EXPERIMENT_SUFFIX)
+    assert read_experiment(tmp_path)["seed"] == sorted([str(seed), str(2**53)])
+    assert not join_experiment(tmp_path, values)  # its own value is in the domain: nothing rewritten
+    assert hparams_files(tmp_path, EXPERIMENT_SUFFIX) == [before]
+    assert discrete(Dashboard(tmp_path).infos()["seed"]) == sorted([str(seed), str(2**53)])
+
+
+def test_two_entries_written_in_one_clock_tick_get_their_own_names_and_the_latest_is_read(tmp_path, monkeypatch):
+    from normbench import tensorboard_hparams
+
+    tb = tmp_path / "run" / "tb"
+    monkeypatch.setattr(tensorboard_hparams.time, "time_ns", lambda: 1_700_000_000_000_000_000)  # a clock that stands
+    write = tensorboard_hparams.write_run_hparams
+    first = write(tb, {"norm.kind": "bn", STATUS: "interrupted"}, "interrupted", {}, 1, 0.0)
+    second = write(tb, {"norm.kind": "bn", STATUS: "completed"}, "completed", {FINAL_TEST_ACC: 60.0}, 2, 0.0)
+    assert first != second and second.name > first.name  # a new name, sorting after the one read before
+    assert second.name.startswith("events.out.tfevents.") and second.name.endswith(RUN_HPARAMS_SUFFIX)
+    assert hparams_files(tb, RUN_HPARAMS_SUFFIX) == [second]
+    (hp, status, metrics), = Dashboard(tmp_path).runs().values()
+    assert status == "STATUS_SUCCESS" and hp[STATUS] == "completed" and metrics[FINAL_TEST_ACC] == 60.0
+
+
+def test_an_entry_that_cannot_be_removed_at_the_start_is_one_line(tmp_path, monkeypatch):
+    from normbench import tensorboard_hparams
+
+    def read_only(folder, suffix):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tensorboard_hparams, "remove_files", read_only)
+    log = TensorBoardLog(tmp_path / "run" / "tb", enabled=True)
+    note = log.begin_hparams({"norm.kind": "bn"}, tmp_path)
+    log.close()
+    assert note is not None and "\n" not in note and "Permission denied" in note and "tb" in note
+
+
+def test_an_entry_that_cannot_be_written_costs_a_warning_not_the_summary(tiny_cfg, monkeypatch):
+    from normbench import tensorboard_hparams
+    from normbench.errors import UserError
+    from normbench.training.entry import train
+
+    def disk_full(folder, *args):
+        raise UserError(f"cannot write TensorBoard hparams in {folder}: No space left on device")
+
+    closed = []
+    close = TensorBoardLog.close
+
+    def counted_close(self):
+        closed.append(self.writer is not None)
+        return close(self)
+
+    monkeypatch.setattr(tensorboard_hparams, "write_run_hparams", disk_full)
+    monkeypatch.setattr(TensorBoardLog, "close", counted_close)
+    progress = Messages()
+    cfg = tiny_cfg(**{"train.epochs": 1})
+    summary = train(cfg, progress=progress)
+    assert summary["status"] == "completed"
+    assert json.loads(RunDir(cfg.run_dir()).summary.read_text())["status"] == "completed"
+    warnings = [line for line in progress.lines if "HParams entry" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "\n" not in warnings[0]
+    assert closed and closed[0] is True  # the event file was closed
+    assert hparams_files(RunDir(cfg.run_dir()).tb, RUN_HPARAMS_SUFFIX) == []
+
+
+def test_a_failing_entry_does_not_hide_the_error_that_failed_the_run(tiny_cfg, monkeypatch):
+    from normbench import tensorboard_hparams
+    from normbench.training import run as run_module
+    from normbench.training.entry import train
+
+    def broken(self, epoch, result):
+        raise RuntimeError("evaluation broke")
+
+    def read_only(folder, *args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(run_module.Run, "record_eval", broken)
+    monkeypatch.setattr(tensorboard_hparams, "write_run_hparams", read_only)
+    cfg = tiny_cfg(**{"train.epochs": 1})
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train(cfg, progress=Messages())
+    assert json.loads(RunDir(cfg.run_dir()).summary.read_text())["status"] == "failed"
+
+
+def test_a_finished_run_keeps_its_status_when_the_log_is_closed_again(tmp_path):
+    tb = tmp_path / "run" / "tb"
+    log = TensorBoardLog(tb, enabled=True)
+    log.begin_hparams({"norm.kind": "bn"}, tmp_path)
+    assert log.end_hparams("completed", {}, 1) is None and log.close() is None
+    (entry,) = hparams_files(tb, RUN_HPARAMS_SUFFIX)
+    assert log.end_hparams("failed", {}, 1) is None and log.close() is None  # the second time: nothing
+    assert hparams_files(tb, RUN_HPARAMS_SUFFIX) == [entry]
+    (hp, status, _), = Dashboard(tmp_path).runs().values()
+    assert status == "STATUS_SUCCESS" and hp[STATUS] == "completed"
+
+
+def test_a_user_error_is_no_failure_of_the_run(tiny_cfg, monkeypatch):
+    """As train() writes no failed summary for a UserError, TensorBoard shows the run as
+    interrupted (it resumes once the cause is fixed), not failed."""
+    from normbench.errors import UserError
+    from normbench.training import run as run_module
+    from normbench.training.entry import train
+
+    def refused(self, epoch, result):
+        raise UserError("cannot write the metrics file")
+
+    monkeypatch.setattr(run_module.Run, "record_eval", refused)
+    cfg = tiny_cfg(**{"train.epochs": 1})
+    with pytest.raises(UserError):
+        train(cfg)
+    (hp, status, _), = Dashboard(cfg.run_dir()).runs().values()
+    assert status == "STATUS_UNKNOWN" and hp[STATUS] == "interrupted"
+    assert not RunDir(cfg.run_dir()).summary.exists()

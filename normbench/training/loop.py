@@ -206,9 +206,19 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
         for r in runs:  # every healthy run was synced at its last checkpoint
             clocks.stamp(r)
         return _finish_runs(stepper, progress)
-    except Exception:  # TensorBoard shows the runs as failed (the caller records the failure)
+    except Exception as err:
+        # A UserError (bad input, a folder that cannot be written) is not a failure of the run:
+        # the caller writes no failed summary and the run resumes once it is fixed, so
+        # TensorBoard shows it as interrupted. Any other error fails the runs (the caller
+        # records it). A run that already finished keeps its status (close_log runs once).
+        from normbench.errors import UserError
+
+        status = "interrupted" if isinstance(err, UserError) else "failed"
         for r in runs:
-            r.close_log("failed")
+            try:  # one log that cannot be closed neither stops the others nor hides ``err``
+                r.close_log(status)
+            except Exception:  # noqa: BLE001
+                pass
         raise
     finally:
         progress.finish()

@@ -175,13 +175,21 @@ class Run:
 
     def close_log(self, status: str) -> None:
         """End the TensorBoard log: the HParams entry as ``status`` with the final metrics
-        (test accuracy in percent, best test accuracy, last train loss), then close it."""
+        (test accuracy in percent, best test accuracy, last train loss), then close it. The
+        log is closed even when the entry fails; a file TensorBoard could not write is shown
+        as one line, never raised (the run's summary comes next). Once closed, later calls
+        do nothing (a run that finished keeps its status)."""
         if self.tb is None:
             return
         st = self.state
-        self.tb.end_hparams(status, final_metrics(status, st.last_eval, st.best_acc, self.last_record.get("train/loss")),
-                            st.step)
-        self.tb.close()
+        notes = []
+        try:
+            notes.append(self.tb.end_hparams(
+                status, final_metrics(status, st.last_eval, st.best_acc, self.last_record.get("train/loss")), st.step))
+        finally:
+            notes.append(self.tb.close())
+            for note in filter(None, notes):
+                self.progress.message(note)
 
     def flush(self) -> Optional[int]:
         """Log the pending steps as one metrics line; return the first non-finite step, if any."""
