@@ -63,6 +63,34 @@ def test_periodic_mid_epoch_checkpoint_resumes_identically(tiny_cfg, tmp_path):
     assert comparable_metrics(straight.run_dir()) == comparable_metrics(killed.run_dir())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("at_step", [10, 30])  # the end of epoch 1; the end of the last epoch
+def test_a_signal_in_an_epochs_last_step_leaves_its_evaluation_to_the_resumed_run(tiny_cfg, tmp_path, at_step):
+    """SIGTERM while the last step of an epoch is logged: the run checkpoints at the epoch
+    boundary before the epoch's evaluation; the resumed run evaluates that epoch first, so
+    its metrics and final accuracy equal an uninterrupted run's."""
+    import os
+    import signal
+
+    from normbench.progress import Progress
+
+    class SignalAt(Progress):
+        def update(self, step, metrics):
+            if step == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    straight = tiny_cfg(**{"log.out_dir": str(tmp_path / "a"), "train.epochs": 3})
+    cut = tiny_cfg(**{"log.out_dir": str(tmp_path / "b"), "train.epochs": 3})
+    s1 = entry.train(straight)
+    stopped = entry.train(cut, progress=SignalAt())
+    assert stopped["status"] == "interrupted" and stopped["steps"] == at_step
+    assert not [r for r in RunDir(cut.run_dir()).read_metrics() if r["step"] == at_step and "test/acc" in r]
+    s2 = entry.train(cut)
+    assert s2["status"] == "completed" and s2["steps"] == 30
+    assert comparable_metrics(straight.run_dir()) == comparable_metrics(cut.run_dir())
+    assert s1["final_test_acc"] == s2["final_test_acc"] and s1["best_test_acc"] == s2["best_test_acc"]
+
+
 def test_completed_run_is_not_trained_again(tiny_cfg):
     cfg = tiny_cfg(**{"train.epochs": 1})
     first = entry.train(cfg)

@@ -24,7 +24,7 @@ and of the evaluations and measurements still due, so that its ETA counts them
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Optional, Protocol
 
 from normbench.evaluation import buffers_finite
 from normbench.progress import Progress, percent
@@ -140,6 +140,15 @@ def _end_of_epoch(stepper: Stepper, epoch_done: int, progress: Progress, final: 
     _epoch_end_measurements(stepper, epoch_done, progress)
 
 
+def _epoch_end_pending(lead: Run) -> Optional[int]:
+    """The epoch whose end a signal cut off (it came during the epoch's last step, so the
+    checkpoint is at the epoch boundary before its evaluation and measurements), or None."""
+    st, spe = lead.state, lead.steps_per_epoch
+    if st.step == 0 or st.step % spe or st.epochs_ended is None or st.epochs_ended >= st.step // spe:
+        return None
+    return st.step // spe
+
+
 def _finish_runs(stepper: Stepper, progress: Progress) -> list[dict]:
     """Every run's summary; the end-of-run measurements of the completed ones shown as a phase."""
     final = final_work(healthy(stepper))
@@ -168,6 +177,13 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
         r.metrics.restart_clock()
     last_save = time.perf_counter()
     try:
+        pending = _epoch_end_pending(lead)
+        if pending is not None:  # resumed at an epoch boundary whose end was not done: do it first
+            _end_of_epoch(stepper, pending, progress, final)
+            for r in healthy(stepper):
+                r.state.epochs_ended = pending
+            if healthy(stepper):
+                last_save = _save(stepper, clocks, synced=True)
         while lead.state.step < lead.total_steps and healthy(stepper):
             epoch, in_epoch = divmod(lead.state.step, spe)
             plans = stepper.plans(epoch)
@@ -200,6 +216,8 @@ def train_loop(stepper: Stepper, progress: Progress, stop: StopFlag) -> list[dic
             _end_of_epoch(stepper, lead.state.step // spe, progress, final)
             if not healthy(stepper):
                 break
+            for r in healthy(stepper):
+                r.state.epochs_ended = lead.state.step // spe
             last_save = _save(stepper, clocks, synced=True)  # _end_of_epoch synced; measurements use copies
             for r in runs:
                 r.metrics.restart_clock()

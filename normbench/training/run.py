@@ -39,6 +39,10 @@ class RunState:
     train_time_s: float = 0.0
     clipped_sum: float = 0.0
     clip_steps: int = 0
+    # the last epoch whose end (evaluation, measurements) is done; a signal during an epoch's
+    # last step checkpoints before it, and the resumed run does it first. None: a checkpoint
+    # written before this was recorded (its epoch ends are taken as done).
+    epochs_ended: Optional[int] = 0
 
 
 def hparams_of(run: "Run") -> dict:
@@ -141,6 +145,7 @@ class Run:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.clipper.load_state_dict(ckpt["clipper"])
+        self.state.epochs_ended = None  # unless the checkpoint records it
         for k, v in ckpt["state"].items():
             setattr(self.state, k, v)
         torch.set_rng_state(ckpt["rng"]["cpu"])
