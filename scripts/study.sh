@@ -71,6 +71,8 @@ collect)
         done
         [ -f "$home/$s/runs/sweep.json" ] && cp -p "$home/$s/runs/sweep.json" "$repo/results/$s/runs/sweep.json"
         (cd "$repo" && scripts/stage_results.sh "results/$s/runs")
+        python3 "$repo/scripts/check_study_runs.py" "$repo/results/$s/runs" \
+            || echo "study: the runs above lack an evaluation; retrain them before they enter a table" >&2
     done
     ;;
 stop)
