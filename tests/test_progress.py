@@ -416,3 +416,22 @@ def test_evaluation_reports_the_whole_jobs_images_on_every_rank(world_size, monk
              on_images=seen.append)
     assert seen == sorted(seen) and seen[-1] == 50, seen  # rank 0 ends at the whole test set
     assert seen[0] == min(50, 8 * world_size)
+
+
+def test_both_sweep_views_count_a_refused_cell_as_failed():
+    import io
+
+    from normbench.sweep.display import PlainSweepDisplay, RichSweepDisplay
+    from normbench.sweep.tasks import CellResult
+    from rich.console import Console
+
+    refused = CellResult(index=0, name="bn-b2-s0", run_dir="/nonexistent/bn-b2-s0", outcome="refused",
+                         error="it holds a run made on other data")
+    plain = PlainSweepDisplay(stream=io.StringIO())
+    rich = RichSweepDisplay(console=Console(file=io.StringIO(), width=120))
+    for view in (plain, rich):
+        view.begin(2)
+        view.started(0, "bn-b2-s0", 10, 0)
+        view.finished(refused)
+        assert view.c.failed == 1, type(view).__name__
+        view.end(show_results=False)

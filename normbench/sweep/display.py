@@ -37,6 +37,12 @@ class SweepDisplay:
         (the sweep stopped on an error, which is then the only thing said)."""
 
 
+def counts_as_failed(result: CellResult) -> bool:
+    """Whether a finished task counts in a view's failed/diverged tally: it failed, diverged, or
+    was refused (never trained)."""
+    return result.status in ("failed", "diverged") or result.outcome == "refused"
+
+
 def result_line(result: CellResult) -> str:
     """One line for a finished task: its name, how it ended, accuracy (%), error, time, log."""
     status = "refused" if result.outcome == "refused" else result.status or result.outcome
@@ -217,8 +223,7 @@ class PlainSweepDisplay(ResultsAtEnd, SweepDisplay):
             self._print(f"[wait] {result.name}: being trained by {result.holder}; will wait for it at the end")
             return
         self.c.finish(result.index)
-        if result.status in ("failed", "diverged"):
-            self.c.failed += 1
+        self.c.failed += counts_as_failed(result)
         self._print(f"[{self.c.done}/{self.c.total}] {result_line(result)}")
 
     def message(self, text):
@@ -309,7 +314,7 @@ class RichSweepDisplay(ResultsAtEnd, SweepDisplay):
                                "will wait for it at the end")
         else:
             self.c.finish(result.index)
-            bad = result.status in ("failed", "diverged") or result.outcome == "refused"
+            bad = counts_as_failed(result)
             self.c.failed += bad
             self.console.print(f"[{'red' if bad else 'green'}]{'✗' if bad else '✓'}[/] {result_line(result)}",
                                highlight=False)
