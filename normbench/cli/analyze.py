@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from normbench.cli.app import app, fail
+from normbench.cli.app import DEVICES, app, fail
 from normbench.errors import UserError
 
 EXAMPLE = ("Example: normbench analyze runs/sweeps/quick/bn-b8-s0-<hash> --recalibrate --recal-images 10000")
@@ -23,8 +23,8 @@ def analyze(
                                                    help="Batch size of the recalibration pass (default: the run's)."),
     recal_images: Optional[int] = typer.Option(None, "--recal-images", min=1,
                                                help="Training images for the recalibration (default: all)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device, one of: auto, cpu, "
-                                         "cuda, cuda:N, mps."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device, one of: "
+                                         + ", ".join(DEVICES) + "."),
 ) -> None:
     """Measure a run's train/eval-mode gap, precise-BN accuracy and dead units; update its summary.
     Accuracies and dead units print in percent, the gap in percentage points (the summary keeps

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from normbench.cli.app import app, fail
+from normbench.cli.app import DEVICES, app, fail
 from normbench.errors import UserError
 
 EXAMPLE = "Example: normbench eval runs/gn-b4-1a2b3c4d --mode both --json"
@@ -21,8 +21,8 @@ def eval_command(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run folder (holding config.yaml and checkpoint.pt)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="CIFAR-10 data root (default: the run's "
                                              "data.root, else $NORMBENCH_DATA or ~/.cache/normbench/data)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device, one of: auto, cpu, "
-                                         "cuda, cuda:N, mps."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the run's device, one of: "
+                                         + ", ".join(DEVICES) + "."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch (default: the run's "
                                              "train.eval_batch_size; in train mode its train.batch_size)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint file of the same "
