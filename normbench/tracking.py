@@ -6,7 +6,7 @@ Layout of ``<log.out_dir>/<name>-<config hash>/``::
     metrics.jsonl    one JSON object per log interval / evaluation (tags: README.md, "Outputs")
     summary.json     the contract with `normbench report`; written atomically, last
     checkpoint.pt    model, optimizer, step, RNG and logging state; atomic, self-checksummed
-    tb/              TensorBoard events and the run's HParams session (normbench.tensorboard_log)
+    tb/              TensorBoard events and the run's HParams entry (normbench.tensorboard_log)
     error.log        the traceback of a failed run
 
 Every file that is replaced is written to a temporary file in the same folder and renamed

@@ -219,14 +219,14 @@ def test_plain_sweep_view_runs_on_wall_time_and_shows_phases():
     clock, out = FakeClock(), io.StringIO()
     d = PlainSweepDisplay(stream=out, every_s=30.0, clock=clock)
     d.begin(2)
-    d.started(0, "bn-b8-s0", 100, 0)
+    d.started(0, "bn-b8-seed0", 100, 0)
     d.step(0, 100, eta=40.0)
     d.phase(0, 100, "evaluating 3,000 / 10,000 test images", eta=40.0)
     clock.advance(31.0)  # no event for 31 s: the cell is evaluating
     d.tick()
     status = out.getvalue().splitlines()[-1]
     assert status.startswith("[sweep] 0/2 done, 1 running, 0 failed/diverged, elapsed 31s, eta ")
-    assert status.endswith("; bn-b8-s0: evaluating 3,000 / 10,000 test images")
+    assert status.endswith("; bn-b8-seed0: evaluating 3,000 / 10,000 test images")
     d.phase(0, 100, None, eta=0.0)
     clock.advance(31.0)
     d.tick()
@@ -275,11 +275,11 @@ def test_the_sweep_ends_with_its_results_table(tmp_path):
     d = PlainSweepDisplay(stream=out)
     d.begin(1)
     run_dir = next((tmp_path / "out").glob("bn-b8-s1-*"))
-    d.finished(CellResult(index=1, name="bn-b8-s1", run_dir=str(run_dir), outcome="trained", status="completed",
+    d.finished(CellResult(index=1, name="bn-b8-seed1", run_dir=str(run_dir), outcome="trained", status="completed",
                           final_test_acc=0.65))
     d.end()
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[1/1] bn-b8-s1: completed, test acc 65.00%"
+    assert lines[0] == "[1/1] bn-b8-seed1: completed, test acc 65.00%"
     table = lines[lines.index("results: final test accuracy (mean and range over seeds)") + 1:]
     assert table[0].split() == ["method", "batch", "seeds", "done", "test", "acc", "status"]
     assert table[1].split() == ["BN", "8", "2/2", "63.00%", "(61.00–65.00)", "completed"]

@@ -52,7 +52,7 @@ class Dashboard:
         return {info.name: info for info in self.experiment().hparam_infos}
 
     def runs(self, **only) -> dict:
-        """Run (TensorBoard's session name) -> (hparams as Python values, status name, metric
+        """Run name -> (hparams as Python values, status name, metric
         tag -> value); ``only``: the dashboard's discrete filter, hparam -> allowed values."""
         from google.protobuf import json_format, struct_pb2
         from tensorboard.plugins.hparams import api_pb2, list_session_groups
@@ -64,10 +64,10 @@ class Dashboard:
         response = list_session_groups.Handler(self.request_context, self.backend, "", request).run()
         out = {}
         for group in response.session_groups:
-            for session in group.sessions:
+            for run in group.sessions:
                 hparams = {k: json_format.MessageToDict(v) for k, v in group.hparams.items()}
-                metrics = {m.name.tag: m.value for m in session.metric_values}
-                out[session.name] = (hparams, api_pb2.Status.Name(session.status), metrics)
+                metrics = {m.name.tag: m.value for m in run.metric_values}
+                out[run.name] = (hparams, api_pb2.Status.Name(run.status), metrics)
         return out
 
 
