@@ -283,18 +283,25 @@ def test_percent_tags():
         assert percent_tag(other) is None, other
 
 
-def test_a_failed_run_shows_as_failed(tiny_cfg, monkeypatch):
+def train_with_evaluation_raising(tiny_cfg, monkeypatch, error: Exception):
+    """Train a one-epoch run whose evaluation raises ``error``; (config, its HParams values,
+    its end status) as the dashboard shows them."""
     from normbench.training import run as run_module
     from normbench.training.entry import train
 
     def broken(self, epoch, result):
-        raise RuntimeError("evaluation broke")
+        raise error
 
     monkeypatch.setattr(run_module.Run, "record_eval", broken)
     cfg = tiny_cfg(**{"train.epochs": 1})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(error)):
         train(cfg)
     (hp, status, _), = Dashboard(cfg.run_dir()).runs().values()
+    return cfg, hp, status
+
+
+def test_a_failed_run_shows_as_failed(tiny_cfg, monkeypatch):
+    cfg, hp, status = train_with_evaluation_raising(tiny_cfg, monkeypatch, RuntimeError("evaluation broke"))
     assert status == "STATUS_FAILURE" and hp[STATUS] == "failed"
     assert json.loads(RunDir(cfg.run_dir()).summary.read_text())["status"] == "failed"
 
@@ -460,16 +467,7 @@ def test_a_user_error_is_no_failure_of_the_run(tiny_cfg, monkeypatch):
     """As train() writes no failed summary for a UserError, TensorBoard shows the run as
     interrupted (it resumes once the cause is fixed), not failed."""
     from normbench.errors import UserError
-    from normbench.training import run as run_module
-    from normbench.training.entry import train
 
-    def refused(self, epoch, result):
-        raise UserError("cannot write the metrics file")
-
-    monkeypatch.setattr(run_module.Run, "record_eval", refused)
-    cfg = tiny_cfg(**{"train.epochs": 1})
-    with pytest.raises(UserError):
-        train(cfg)
-    (hp, status, _), = Dashboard(cfg.run_dir()).runs().values()
+    cfg, hp, status = train_with_evaluation_raising(tiny_cfg, monkeypatch, UserError("cannot write the metrics file"))
     assert status == "STATUS_UNKNOWN" and hp[STATUS] == "interrupted"
     assert not RunDir(cfg.run_dir()).summary.exists()
