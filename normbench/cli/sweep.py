@@ -1,6 +1,6 @@
 """``normbench sweep``: train every cell of a sweep file (thin: parse flags, call
-:mod:`normbench.sweep`, print, set the exit status: 0 ok; 1 some cell failed or diverged; 2 a
-user mistake, one line; 130 / 143 interrupted)."""
+:mod:`normbench.sweep`, print, set the exit status: 0 ok; 1 some cell failed, diverged or did
+not finish; 2 a user mistake, one line; 130 / 143 interrupted)."""
 from __future__ import annotations
 
 import os
@@ -91,9 +91,10 @@ def sweep(
             return
         display = sw.make_display(no_progress)
         sw.write_manifest(spec)
-        n_skip = len(plan.skipped)
-        display.message(f"sweep {sweep_path.name}: {len(spec.cells)} cells in {spec.out_dir}; {len(plan.tasks)} to "
-                        f"train, {n_skip} already recorded; backend {backend}"
+        n_skip, n_train = len(plan.skipped), sum(len(t.cell_tasks) for t in plan.tasks)
+        packs = f" as {len(plan.tasks)} tasks (seeds packed)" if n_train != len(plan.tasks) else ""
+        display.message(f"sweep {sweep_path.name}: {len(spec.cells)} cells in {spec.out_dir}; {n_train} to "
+                        f"train{packs}, {n_skip} already recorded; backend {backend}"
                         + (f", {min(n_workers, max(1, len(plan.tasks)))} worker(s)" if backend == "local" else "")
                         + f" × {n_threads} thread(s)")
         if backend == "ray":
@@ -179,6 +180,10 @@ def _print_outcome(plan, results: list, interrupted: bool, interrupt_code: int =
     refused = [r for r in results if r.outcome == "refused"]
     for r in refused:
         out.print(f"{r.name}: not trained: {r.error}", highlight=False)
+    unfinished = [r for r in trained if final.get(r.index) in ("new", "partial")]
+    for r in unfinished:  # its worker died, or the sweep machinery failed: the folder resumes
+        out.print(f"{r.name}: not finished ({r.error or r.status or 'stopped early'}); run the sweep again to "
+                  "resume it", highlight=False)
     bad = [c for c in plan.sweep.cells if final[c.index] in ("failed", "diverged")]
     if bad:
         table = Table(title="failed or diverged cells", title_justify="left")
@@ -196,4 +201,4 @@ def _print_outcome(plan, results: list, interrupted: bool, interrupt_code: int =
         return interrupt_code
     if refused:
         return 2
-    return 1 if bad else 0
+    return 1 if bad or unfinished else 0

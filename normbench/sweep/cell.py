@@ -100,7 +100,8 @@ def cell_progress(notify: Optional[Notify], index: int, min_interval_s: float = 
 
 
 def decide_cell(record: RunRecord, task: CellTask) -> str:
-    """What to do with a cell whose lock this process holds: refuse | skip | fresh | resume."""
+    """What to do with a cell whose lock this process holds, alone or as a pack member:
+    refuse | skip | fresh | resume."""
     if record.state == "other-data":
         return "refuse"
     if record.complete:
@@ -113,18 +114,6 @@ def decide_cell(record: RunRecord, task: CellTask) -> str:
     if task.mode == "force" or (task.mode == "rerun" and record.state in ("failed", "diverged")):
         return "fresh"
     return "resume"
-
-
-def decide_member(record: RunRecord, task: CellTask) -> str:
-    """What to do with a pack member whose lock this process holds: refuse | skip | train.
-    A completed member is skipped in every mode, ``--force`` included (a lone cell under
-    ``--force`` is skipped only when a concurrent ``--force`` sweep redid it)."""
-    if record.state == "other-data":
-        return "refuse"
-    if record.complete or (record.state in ("failed", "diverged") and record.problem is None
-                           and task.mode == "normal"):
-        return "skip"
-    return "train"
 
 
 def run_cell(task: Task, notify: Optional[Notify] = None,
@@ -151,8 +140,10 @@ def run_cell(task: Task, notify: Optional[Notify] = None,
         lock.release()
 
 
-def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[Notify]) -> CellResult:
-    """Train (or resume) one locked cell, its output appended to its train.log."""
+def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[Notify],
+               progress_index: Optional[int] = None) -> CellResult:
+    """Train (or resume) one locked cell, its output appended to its train.log; its progress
+    goes to ``notify`` under ``progress_index`` (default: the cell's own index)."""
     cfg = task.config
     log = run_dir.path / TRAIN_LOG
     with redirect_output(log):
@@ -162,7 +153,8 @@ def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[No
         try:
             from normbench.training.entry import train
 
-            summary = train(cfg, fresh=fresh, progress=cell_progress(notify, task.index))
+            index = task.index if progress_index is None else progress_index
+            summary = train(cfg, fresh=fresh, progress=cell_progress(notify, index))
         except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
             if isinstance(err, UserError):
                 err = sweep_remedy(err)
@@ -187,18 +179,20 @@ def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
     """Train the member cells of a pack task as one packed network (normbench.training.packed).
 
     Every member is locked first; members held by another process or already recorded are
-    left out (a pack of one trains alone). The packed training writes each member's own run
-    folder; its output goes to every member's train.log. Returns the lead member's result
-    with all members' results under ``members``."""
+    left out (a pack of one trains alone); the executor waits for the locked ones at the end.
+    Each member starts fresh or resumes as it would alone (:func:`decide_cell`). The packed
+    training writes each member's own run folder; its output goes to every member's
+    train.log; its progress is reported under the pack task's index. Returns the lead
+    member's result with all members' results under ``members``."""
     locks: list = []
     results: list[CellResult] = []
     try:
         members = _claim_members(task, locks, results)
         if len(members) == 1:
-            member, run_dir = members[0]
-            results.append(train_cell(member, run_dir, member.mode == "force", notify))
+            member, run_dir, fresh = members[0]
+            results.append(train_cell(member, run_dir, fresh, notify, progress_index=task.index))
         elif members:
-            results.extend(_train_packed(members, notify))
+            results.extend(_train_packed(members, notify, progress_index=task.index))
     finally:
         for lock in locks:
             lock.release()
@@ -207,9 +201,10 @@ def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
     return lead.with_members(outcome, results)
 
 
-def _claim_members(task: PackTask, locks: list, results: list[CellResult]) -> list[tuple[CellTask, RunDir]]:
+def _claim_members(task: PackTask, locks: list, results: list[CellResult]) -> list[tuple[CellTask, RunDir, bool]]:
     """Lock every member (each lock into ``locks``); the members to train, with their run
-    folders. The others' results (locked, refused, skipped) go into ``results``."""
+    folders and whether each starts fresh. The others' results (locked, refused, skipped)
+    go into ``results``."""
     from normbench.tracking import RunDir
 
     members = []
@@ -222,34 +217,35 @@ def _claim_members(task: PackTask, locks: list, results: list[CellResult]) -> li
             continue
         locks.append(lock)
         record = judge_run(member.config, check_data=member.mode != "force")
-        action = decide_member(record, member)
+        action = decide_cell(record, member)
         if action == "refuse":
             results.append(CellResult.of(member, "refused", record.summary, error=str(record.refusal)))
         elif action == "skip":
             results.append(CellResult.of(member, "skipped", record.summary))
         else:
-            members.append((member, run_dir))
+            members.append((member, run_dir, action == "fresh"))
     return members
 
 
-def _train_packed(members: list[tuple[CellTask, RunDir]], notify: Optional[Notify]) -> list[CellResult]:
+def _train_packed(members: list[tuple[CellTask, RunDir, bool]], notify: Optional[Notify],
+                  progress_index: int) -> list[CellResult]:
     """Train two or more locked members as one network; their results."""
     from normbench.training.packed import train_packed
 
-    fresh = any(m.mode == "force" for m, _ in members)
     log = members[0][1].path / TRAIN_LOG
-    names = ", ".join(m.name for m, _ in members)
+    names = ", ".join(m.name for m, _, _ in members)
     results = []
     with redirect_output(log):
         print(f"\n{ATTEMPT_MARK} packed x{len(members)}: {names} (pid {os.getpid()}, "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
         try:
-            summaries = train_packed([m.config for m, _ in members],
-                                     progress=cell_progress(notify, members[0][0].index), fresh=fresh)
+            summaries = train_packed([m.config for m, _, _ in members],
+                                     progress=cell_progress(notify, progress_index),
+                                     fresh=[fresh for _, _, fresh in members])
         except OtherDataError as err:  # a member's checkpoint: leave every folder as it is
             err = sweep_remedy(err)
             print(str(err), flush=True)
-            return [CellResult.of(member, "refused", error=str(err)) for member, _ in members]
+            return [CellResult.of(member, "refused", error=str(err)) for member, _, _ in members]
         except Exception as err:  # noqa: BLE001 - record every member as failed, go on
             text = traceback.format_exc()
             why = type(err).__name__
@@ -258,11 +254,11 @@ def _train_packed(members: list[tuple[CellTask, RunDir]], notify: Optional[Notif
                 text = why + "\n"
             print(text, flush=True)
             summaries = []
-            for member, run_dir in members:
+            for member, run_dir, _ in members:
                 run_dir.write_error_log(text)
                 run_dir.write_summary(failed_summary(member.config, f"packed training failed: {why}", run_dir))
                 summaries.append(run_dir.read_summary())
-    for (member, run_dir), summary in zip(members, summaries):
+    for (member, run_dir, _), summary in zip(members, summaries):
         if run_dir.path / TRAIN_LOG != log:
             with open(run_dir.path / TRAIN_LOG, "a") as f:
                 f.write(f"\n{ATTEMPT_MARK} packed with {names}: see {log}\n=== {summary.get('status')}\n")

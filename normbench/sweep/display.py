@@ -43,6 +43,16 @@ def counts_as_failed(result: CellResult) -> bool:
     return result.status in ("failed", "diverged") or result.outcome == "refused"
 
 
+def locked_cells(result: CellResult) -> list[CellResult]:
+    """The cells of a finished task that another process held (the executor comes back to
+    them at the end): the task itself, or some of a pack's members."""
+    return [r for r in result.cell_results if r.outcome == "locked"]
+
+
+def wait_line(result: CellResult) -> str:
+    return f"{result.name}: being trained by {result.holder}; will wait for it at the end"
+
+
 def result_line(result: CellResult) -> str:
     """One line for a finished task: its name, how it ended, accuracy (%), error, time, log."""
     status = "refused" if result.outcome == "refused" else result.status or result.outcome
@@ -103,6 +113,11 @@ class SweepCounts:
         self.running.pop(index, None)
         self.phases.pop(index, None)
         self.cell_eta.pop(index, None)
+
+    def come_back(self, result: CellResult, locked: int) -> None:
+        """``locked`` cells of a finished task become tasks of their own, run at the end (a
+        wholly locked task stands for one of them)."""
+        self.total += locked - (result.outcome == "locked")
 
     def finish(self, index: int) -> None:
         self.done += 1
@@ -219,12 +234,17 @@ class PlainSweepDisplay(ResultsAtEnd, SweepDisplay):
     def finished(self, result):
         self.c.stop(result.index)
         self._learn_out_dir(result)
+        locked = locked_cells(result)
+        for cell in locked:
+            self._print(f"[wait] {wait_line(cell)}")
+        self.c.come_back(result, len(locked))
         if result.outcome == "locked":
-            self._print(f"[wait] {result.name}: being trained by {result.holder}; will wait for it at the end")
             return
         self.c.finish(result.index)
-        self.c.failed += counts_as_failed(result)
-        self._print(f"[{self.c.done}/{self.c.total}] {result_line(result)}")
+        for cell in result.cell_results:
+            if cell.outcome != "locked":
+                self.c.failed += counts_as_failed(cell)
+                self._print(f"[{self.c.done}/{self.c.total}] {result_line(cell)}")
 
     def message(self, text):
         self._print(text)
@@ -309,15 +329,19 @@ class RichSweepDisplay(ResultsAtEnd, SweepDisplay):
         self._learn_out_dir(result)
         if result.index in self.tasks:
             self.bar.remove_task(self.tasks.pop(result.index))
-        if result.outcome == "locked":
-            self.console.print(f"[yellow]wait[/] {result.name}: being trained by {result.holder}; "
-                               "will wait for it at the end")
-        else:
+        locked = locked_cells(result)
+        for cell in locked:
+            self.console.print(f"[yellow]wait[/] {wait_line(cell)}", highlight=False)
+        self.c.come_back(result, len(locked))
+        if result.outcome != "locked":
             self.c.finish(result.index)
-            bad = counts_as_failed(result)
-            self.c.failed += bad
-            self.console.print(f"[{'red' if bad else 'green'}]{'✗' if bad else '✓'}[/] {result_line(result)}",
-                               highlight=False)
+            for cell in result.cell_results:
+                if cell.outcome == "locked":
+                    continue
+                bad = counts_as_failed(cell)
+                self.c.failed += bad
+                self.console.print(f"[{'red' if bad else 'green'}]{'✗' if bad else '✓'}[/] {result_line(cell)}",
+                                   highlight=False)
         self._refresh()
 
     def message(self, text):

@@ -16,7 +16,7 @@ from normbench.sweep.cell import run_cell
 from normbench.sweep.display import SweepDisplay
 from normbench.sweep.layout import GpuSlots
 from normbench.sweep.signals import install_interrupt_handler, restore_signal_handlers
-from normbench.sweep.tasks import CellResult, Task, waiting
+from normbench.sweep.tasks import CellResult, CellTask, Task, settle
 
 
 def set_parent_death_signal() -> None:
@@ -112,7 +112,7 @@ class LocalExecutor:
         finally:
             run.shutdown()
             restore_signal_handlers(old_handlers)
-        return [run.results[t.index] for t in tasks if t.index in run.results]
+        return list(run.results.values())
 
     def _install_signal_handlers(self) -> dict:
         def handler(signum, frame):
@@ -138,13 +138,13 @@ class _LocalRun:
         self.procs: dict[int, Any] = {}
         self.state: dict[int, str] = {}  # worker id -> starting | idle | busy
         self.claims: dict[int, int] = {}  # worker id -> cell index
-        self.by_index = {t.index: t for t in tasks}
-        self.sent: dict[int, Task] = {}  # cell index -> the task as queued
+        self.by_index: dict[int, Task] = {t.index: t for t in tasks}  # every task sent, and every deferred cell
+        self.sent: dict[int, Task] = {}  # task index -> the task as queued
         self.unclaimed: dict[int, float] = {}  # queued, not yet claimed: index -> time queued
         self.outstanding: set[int] = set()
         self.pending = deque(tasks)
-        self.deferred: list[Task] = []
-        self.results: dict[int, CellResult] = {}
+        self.deferred: list[CellTask] = []  # cells another process held, waited for at the end
+        self.results: dict[int, CellResult] = {}  # cell index -> its result (a pack's members one by one)
         self.counter = itertools.count()
         self.respawns = 0
         self.stopping = False
@@ -202,7 +202,7 @@ class _LocalRun:
         False when nothing is left to queue or to wait for."""
         free = sum(1 for s in self.state.values() if s == "idle") - len(self.unclaimed)
         while free > 0 and (self.pending or self.deferred):
-            task = self.pending.popleft() if self.pending else waiting(self.deferred.pop(0))
+            task = self.pending.popleft() if self.pending else self.deferred.pop(0)
             self.sent[task.index] = task
             self.unclaimed[task.index] = time.monotonic()
             self.outstanding.add(task.index)
@@ -240,13 +240,16 @@ class _LocalRun:
                 self.ex.signalled = signal.SIGTERM  # someone stopped a cell: stop the sweep too
 
     def record(self, index: int, result: CellResult) -> None:
+        """A task ended: its cells' results, and the cells another process held deferred."""
         self.outstanding.discard(index)
         self.unclaimed.pop(index, None)
         self.display.finished(result)
-        if result.outcome == "locked" and not self.sent[index].wait and not self.stopping:
-            self.deferred.append(self.by_index[index])
-        else:
-            self.results[index] = result
+        results, later = settle(self.sent[index], result, defer=not self.stopping)
+        for r in results:
+            self.results[r.index] = r
+        for cell in later:
+            self.by_index[cell.index] = cell
+            self.deferred.append(cell)
 
     def reap_dead_workers(self) -> None:
         """Record the cell a dead worker was training as failed; replace the worker while

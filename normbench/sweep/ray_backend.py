@@ -16,7 +16,7 @@ from normbench.errors import UserError
 from normbench.sweep.cell import run_cell
 from normbench.sweep.display import SweepDisplay
 from normbench.sweep.signals import install_interrupt_handler, restore_signal_handlers
-from normbench.sweep.tasks import CellResult, CellTask, PackTask, Task, waiting
+from normbench.sweep.tasks import CellResult, CellTask, PackTask, Task, settle
 
 # How long the cluster named by --address may take to answer before the sweep gives up. Ray's
 # own client waits about 35 s per attempt, 20 attempts, inside C++ calls that neither a
@@ -239,16 +239,15 @@ class RayExecutor:
         collect the results as they come."""
         remote = ray.remote(ray_cell_task)
         opts = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_retries": 0}
-        by_index = {t.index: t for t in tasks}
+        by_index: dict[int, Task] = {t.index: t for t in tasks}
         refs = {remote.options(**opts).remote(t): t.index for t in tasks}
-        deferred: list[Task] = []
+        deferred: list[CellTask] = []
         results: dict[int, CellResult] = {}
         try:
             while refs or deferred:
                 if not refs:
-                    refs = {remote.options(**opts).remote(waiting(t)): t.index for t in deferred}
-                    for t in deferred:
-                        by_index[t.index] = waiting(t)
+                    refs = {remote.options(**opts).remote(t): t.index for t in deferred}
+                    by_index.update({t.index: t for t in deferred})
                     deferred = []
                 done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
                 if not done:
@@ -265,13 +264,12 @@ class RayExecutor:
                         result = CellResult.crashed(by_index[index],
                                                     f"Ray task failed: {text.strip().splitlines()[0][:200]}")
                     self.display.finished(result)
-                    if result.outcome == "locked" and not by_index[index].wait:
-                        deferred.append(by_index[index])
-                    else:
-                        results[index] = result
+                    cell_results, later = settle(by_index[index], result, defer=True)
+                    results.update({r.index: r for r in cell_results})
+                    deferred.extend(later)
         except KeyboardInterrupt:
             self.interrupted = True
             self.display.message("stopping: cancelling Ray tasks (finished epochs are checkpointed)")
             for ref in refs:
                 ray.cancel(ref)
-        return [results[t.index] for t in tasks if t.index in results]
+        return list(results.values())

@@ -95,6 +95,20 @@ def waiting(task: Task) -> Task:
     return replace(task, wait=True)
 
 
+def settle(task: Task, result: CellResult, defer: bool) -> tuple[list[CellResult], list[CellTask]]:
+    """Split a finished task's result into its cells' own results and the cells to come back
+    to: with ``defer``, a cell another process held (``locked``; a pack's member, or the
+    whole task) is not a result yet but a task to run again at the end, waiting for its
+    lock; without it (a task that already waited, or a sweep that is stopping), every cell's
+    result stands as it is."""
+    results = list(result.cell_results)
+    if not defer or task.wait:
+        return results, []
+    members = {m.index: m for m in task.cell_tasks}
+    later = [waiting(members[r.index]) for r in results if r.outcome == "locked"]
+    return [r for r in results if r.outcome != "locked"], later
+
+
 @dataclass(frozen=True)
 class CellResult:
     """How a task ended. ``outcome``: trained (or resumed; ``status`` says how it ended) |

@@ -11,7 +11,7 @@ evaluation, precise BN) run on each member's own model.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +149,14 @@ class PackedStepper:
         return [{"loss": float(l) / n, "acc": int(c) / n} for l, c in zip(loss.tolist(), correct.tolist())]
 
 
-def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None, fresh: bool = False) -> list[dict]:
+def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None,
+                 fresh: Union[bool, Sequence[bool]] = False) -> list[dict]:
     """Train runs that share a pack key as one packed network; returns their summaries.
 
-    Completed members are skipped; the rest must start from the same step (all new, or all
-    resumed from checkpoints at the same step), otherwise each trains alone."""
+    ``fresh``: start every member from scratch (True), or one flag per member (a sweep's
+    ``--rerun-failed`` retrains a failed member while another resumes). Completed members
+    are skipped; the rest must start from the same step (all new, or all resumed from
+    checkpoints at the same step), otherwise each trains alone."""
     from normbench.data import data_identity, load_cifar10
     from normbench.device import device_line, resolve_device
     from normbench.tracking import RunDir
@@ -166,13 +169,16 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None, fre
         reason = why_not_packable(c)
         if reason:
             raise UserError(f"cannot pack {c.run_name}: {reason}")
+    fresh_flags = [fresh] * len(cfgs) if isinstance(fresh, bool) else list(fresh)
+    if len(fresh_flags) != len(cfgs):
+        raise ValueError(f"train_packed: {len(fresh_flags)} fresh flags for {len(cfgs)} runs")
     summaries: dict[int, dict] = {}
     recorded: dict[int, dict] = {}
     todo = []
     for idx, cfg in enumerate(cfgs):
         run_dir = RunDir(cfg.run_dir())
         run_dir.create()
-        if fresh:
+        if fresh_flags[idx]:
             run_dir.wipe()
         existing = run_dir.read_summary()
         done = completed_result(run_dir, existing, cfg, lambda cfg=cfg: data_identity(cfg.data, progress.message))
