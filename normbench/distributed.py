@@ -94,5 +94,12 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Destroy the process group. Objects that still hold it (a DistributedDataParallel
+    reducer in a reference cycle) are collected first, while the interpreter is whole: left
+    to interpreter exit, gloo's threads can die with it ("terminate called without an
+    active exception", SIGABRT)."""
     if ctx.enabled and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Data-parallel training with real processes (gloo on 127.0.0.1, CPU) and SyncBatchNorm."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -72,8 +73,11 @@ def _syncbn_worker(rank: int, port: int, out_dir: str) -> None:
     bn = net.module[1]
     torch.save({"outs": outs, "grads": {n: p.grad.clone() for n, p in net.module.named_parameters()},
                 "mean": bn.running_mean.clone(), "var": bn.running_var.clone()}, Path(out_dir) / f"rank{rank}.pt")
-    # both ranks finish together. One full-suite run saw rank 0 die of SIGABRT here (3 reruns
-    # passed); the likely cause is one rank tearing gloo down while its peer still uses the pair
+    # Both ranks finish together, and nothing holds the process group when it is destroyed:
+    # a DDP reducer left to interpreter exit can take gloo's threads down with SIGABRT
+    # ("terminate called without an active exception"), seen once in several full runs.
+    del net, bn, outs
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
