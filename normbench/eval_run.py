@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from normbench.errors import UserError
+from normbench.evaluation import images_evaluated
 
 MODES = ("running", "train", "both")
 
@@ -43,12 +44,6 @@ def load_test_split(data_cfg, device: torch.device, log=print) -> TestSplit:
     folder, identity = ensure_cifar10_identity(root, data_cfg.allow_download, log)
     x, y = load_split(folder, train=False)
     return TestSplit(x.to(device), y.to(device), root, identity.source, identity.fingerprint)
-
-
-def images_evaluated(n: int, batch_size: int, train_mode: bool) -> int:
-    """How many test images :func:`normbench.evaluation.evaluate` counts: all of them in eval
-    mode; in train mode the full batches only (a short last batch would carry other statistics)."""
-    return n - (n % batch_size) if train_mode and n >= batch_size else n
 
 
 def measure(run_model, data: TestSplit, normalize, train_mode: bool, batch_size: int) -> dict:

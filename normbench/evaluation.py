@@ -20,6 +20,12 @@ def sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type in NO_FLOAT64 else torch.float64
 
 
+def images_evaluated(n: int, batch_size: int, train_mode: bool) -> int:
+    """How many of ``n`` test images :func:`evaluate` counts: all of them in eval mode; in
+    train mode the full batches only (a short last batch would carry other statistics)."""
+    return n - (n % batch_size) if train_mode and n >= batch_size else n
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: bool = False, dist_ctx=None,
              on_images=None) -> dict:
@@ -38,7 +44,7 @@ def evaluate(model: nn.Module, data, normalize, batch_size: int, train_mode: boo
     loss_sum = torch.zeros((), device=data.test_y.device)
     correct = torch.zeros((), device=data.test_y.device, dtype=torch.long)
     n = len(data.test_y)
-    usable = n - (n % batch_size) if train_mode and n >= batch_size else n
+    usable = images_evaluated(n, batch_size, train_mode)
     for start in range(dist_ctx.rank * batch_size, usable, batch_size * dist_ctx.world_size):
         x = normalize(data.test_x[start:start + batch_size])
         y = data.test_y[start:start + batch_size]

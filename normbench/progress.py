@@ -38,6 +38,17 @@ class Progress:
     def finish(self) -> None: ...
 
 
+class PrefixedMessages(Progress):
+    """Only the messages of a run, each prefixed, passed on to ``inner``: a packed member's
+    own notes (TensorBoard) reach the pack's view; its steps and phases are the pack's."""
+
+    def __init__(self, inner: Progress, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def message(self, text: str) -> None:
+        self.inner.message(f"{self.prefix}{text}")
+
+
 class TrackedProgress(Progress):
     """A view that keeps the ETA and the phase under way; subclasses draw them."""
 

@@ -8,7 +8,7 @@ The ETA is the sum of
 * the rest of the phase under way: an evaluation from the share of test images it has done,
   or from how long the last one took;
 * the test-set evaluations still due, each as long as the last one took (before the first:
-  the test images at :data:`FORWARD_SPEEDUP` times the training throughput), and the other
+  the test images at :data:`STEP_IN_FORWARDS` times the training throughput), and the other
   images still to forward (the train-mode evaluation) at that speed.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-# A forward pass costs about a third of a training step per image (forward, backward, update);
-# the same ratio as the sweep planner's evaluation cost (normbench.sweep.plan.EVAL_IMAGES).
-FORWARD_SPEEDUP = 3.0
+# A training step (forward, backward, update) costs about three forward passes of the same
+# images. The one figure every time guess uses: this ETA, the sweep planner's cost of an
+# evaluation (normbench.sweep.plan) and the dry run's probes and histograms
+# (normbench.sweep.estimate).
+STEP_IN_FORWARDS = 3.0
 # Phases whose time is not training time: the ETA counts them on their own.
 TIMED_APART = ("evaluation", "measurements")
 PHASE_KINDS = ("evaluation", "measurements", "probe")
@@ -143,7 +145,7 @@ class Eta:
             return 0.0
         if self.images_per_s is None:
             return None
-        return images / (FORWARD_SPEEDUP * self.images_per_s)
+        return images / (STEP_IN_FORWARDS * self.images_per_s)
 
     def _work_s(self) -> Optional[float]:
         """The evaluations and forward images still due, in seconds (None: no speed known)."""

@@ -75,10 +75,11 @@ class TensorBoardLog:
                 self._add_described(shown, 100.0 * value, step, percent_description(tag))
 
     def _add_described(self, tag: str, value: float, step: int, description: str) -> None:
-        """A scalar with a description TensorBoard shows (``add_scalar`` takes none)."""
+        """A scalar with a description TensorBoard shows (``add_scalar`` takes none), written
+        through the writer's public ``file_writer`` (set while the writer is open)."""
         from normbench.tensorboard_hparams import scalar_summary
 
-        self.writer._get_file_writer().add_summary(scalar_summary(tag, value, description), step)
+        self.writer.file_writer.add_summary(scalar_summary(tag, value, description), step)
 
     def histogram(self, tag: str, values, step: int) -> None:
         if self.writer is not None:

@@ -42,3 +42,15 @@ def test_every_parameter_gets_a_gradient_every_step(kind):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+@pytest.mark.parametrize("kind", available_norms())
+def test_batch_dependent_schemes_are_exactly_those_with_running_statistics(kind):
+    """The sweep's estimate decides from the config (``batch_dependent``) which cells get a
+    train-mode evaluation and precise BN; the run decides from the model's buffers. They
+    must agree for every scheme."""
+    from normbench.norms import get_scheme
+    from normbench.training.phases import has_running_stats
+
+    model = build_model(load_config(None, [f"norm.kind={kind}", "model.width=0.5"]))
+    assert has_running_stats(model) == get_scheme(kind).batch_dependent

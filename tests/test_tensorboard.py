@@ -432,6 +432,23 @@ def test_an_entry_that_cannot_be_written_costs_a_warning_not_the_summary(tiny_cf
     assert hparams_files(RunDir(cfg.run_dir()).tb, RUN_HPARAMS_SUFFIX) == []
 
 
+def test_a_packed_members_warning_reaches_the_packs_view_with_its_name(tiny_cfg, monkeypatch):
+    from normbench import tensorboard_hparams
+    from normbench.errors import UserError
+    from normbench.training.packed import train_packed
+
+    def disk_full(folder, *args):
+        raise UserError(f"cannot write TensorBoard hparams in {folder}: No space left on device")
+
+    monkeypatch.setattr(tensorboard_hparams, "write_run_hparams", disk_full)
+    progress = Messages()
+    cfgs = [tiny_cfg(seed=s, **{"train.epochs": 1}) for s in range(2)]
+    assert [s["status"] for s in train_packed(cfgs, progress=progress)] == ["completed", "completed"]
+    warnings = [line for line in progress.lines if "HParams entry" in line]
+    assert sorted(w.split(":")[0] for w in warnings) == [f"{c.run_name} (seed {c.seed})" for c in cfgs]
+    assert sum("device:" in line for line in progress.lines) == 1  # the pack says it once
+
+
 def test_a_failing_entry_does_not_hide_the_error_that_failed_the_run(tiny_cfg, monkeypatch):
     from normbench import tensorboard_hparams
     from normbench.training import run as run_module

@@ -13,9 +13,9 @@ SVG or PDF (by the file's extension; :mod:`normbench.report.figures`).
 
 Every plot names a method by its display name and draws it in its fixed colour and marker
 (:mod:`normbench.report.styles`); titles carry the protocol read from the summaries
-(:func:`normbench.report.styles.protocol`). The figure and batch-axis helpers
-(:mod:`normbench.report.figures`, named here too) are shared with
-:mod:`normbench.report.analysis_plots`. Matplotlib is imported only when a plot is drawn.
+(:func:`normbench.report.styles.protocol`). The figure and batch-axis helpers live in
+:mod:`normbench.report.figures`, shared with :mod:`normbench.report.analysis_plots`.
+Matplotlib is imported only when a plot is drawn.
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ from pathlib import Path
 from statistics import fmean
 from typing import Optional
 
-from normbench.report.figures import PLOT_FORMATS, batch_axis, check_plot_path, figure, plot_format, save_figure
+from normbench.report.figures import batch_axis, check_plot_path, figure, save_figure
 from normbench.report.methods import method_sort_key
 from normbench.report.styles import assign_styles, protocol, style_key
 
-__all__ = ["PLOT_FORMATS", "accuracy_figure", "batch_axis", "curves", "curves_figure", "epoch_accuracies",
-           "figure", "method_colours", "method_styles", "plot", "plot_accuracy", "plot_curves", "plot_format",
-           "title_protocol"]
+__all__ = ["accuracy_figure", "curves", "curves_figure", "epoch_accuracies", "method_colours", "method_styles", "plot",
+           "plot_accuracy", "plot_curves", "title_protocol"]
 
 
 def method_styles(runs) -> dict:

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from normbench.config import RunConfig
+from normbench.progress_eta import STEP_IN_FORWARDS
 from normbench.sweep.keys import freeze
 from normbench.sweep.plan import Plan
 from normbench.sweep.state import safe_summary
 from normbench.sweep.timing_probe import ProbeTimes, data_load, probe_times, process_start_s
 from normbench.training.phases import evaluations_due_after
 
-BACKWARD_FACTOR = 3.0  # forward + backward of a batch, in forwards (the probes' gradient passes)
 # A packed network's step per member is faster than a model alone: 1.27x at K = 4 and 1.44x at
 # K = 8 at batch 2 (docs/performance.md, "Why packing gives no more"); the lower figure.
 PACKED_STEP_GAIN = 1.27
@@ -49,6 +49,8 @@ class CellCost:
 
 
 def _batch_dependent(cfg: RunConfig) -> bool:
+    """Whether the cell gets a train-mode evaluation and precise BN: decided from the config,
+    where the run decides from its model's running statistics (a test holds the two equal)."""
     from normbench.norms import get_scheme
 
     return get_scheme(cfg.norm.kind).batch_dependent
@@ -57,25 +59,26 @@ def _batch_dependent(cfg: RunConfig) -> bool:
 def _measurements_s(cfg: RunConfig, t: ProbeTimes, n_train: int, n_test: int, done: int, total: int) -> float:
     """Seconds of the ``analysis.*`` measurements still due after step ``done`` of ``total``."""
     from normbench.analysis.probes import probe_schedule
+    from normbench.evaluation import images_evaluated
 
     a, b = cfg.analysis, cfg.train.batch_size
     left = max(0, total - done)
     spe = max(1, total // max(1, cfg.train.epochs))
     seconds = 0.0
     if left and a.train_mode_eval and _batch_dependent(cfg):  # at the end of a completed run
-        seconds += (n_test - n_test % b if n_test >= b else n_test) * t.train_forward_image_s
+        seconds += images_evaluated(n_test, b, train_mode=True) * t.train_forward_image_s
     if left and a.precise_bn and _batch_dependent(cfg):
         seconds += (min(a.precise_bn_images, n_train) + n_test) * t.eval_image_s
     if a.probe and a.probe_mode == "fixed":
         due = [s for s in probe_schedule(total, a.probes_per_run) if s >= done]
-        seconds += len(due) * (1 + len(a.probe_distances)) * min(a.probe_images, n_test) * BACKWARD_FACTOR * t.eval_image_s
+        seconds += len(due) * (1 + len(a.probe_distances)) * min(a.probe_images, n_test) * STEP_IN_FORWARDS * t.eval_image_s
     elif a.probe:
         seconds += left / a.probe_every * len(a.probe_multipliers) * t.step_s
     if a.dead_units:
         epochs_left = cfg.train.epochs - done // spe
         seconds += epochs_left * a.dead_units_images * t.train_forward_image_s
     if a.hist_every:
-        seconds += left / a.hist_every * t.step_s / BACKWARD_FACTOR
+        seconds += left / a.hist_every * t.step_s / STEP_IN_FORWARDS
     return seconds
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from normbench.config import RunConfig
 from normbench.errors import UserError
+from normbench.progress_eta import STEP_IN_FORWARDS
 from normbench.sweep.layout import cuda_device_count
 from normbench.sweep.spec import Sweep
 from normbench.sweep.state import cell_state, judge_run
@@ -87,7 +88,7 @@ def pack_tasks(tasks: list[Task], pack: int, pack_max_batch: Optional[int] = Non
 
 
 STEP_OVERHEAD_IMAGES = {"cpu": 3, "other": 24}  # a step's fixed cost, in images' worth of compute
-EVAL_IMAGES = 10000 / 3  # one evaluation of the test set (forward only) in training images' worth
+EVAL_IMAGES = 10000 / STEP_IN_FORWARDS  # one evaluation of the test set (forward only) in training images' worth
 
 
 def cost_proxy(cfg: RunConfig) -> float:

@@ -52,8 +52,9 @@ def healthy(stepper: Stepper) -> list[Run]:
     return [r for r in stepper.runs if r.healthy]
 
 
-def probe_due(stepper: Stepper, progress: Progress = Progress()) -> None:
+def probe_due(stepper: Stepper, progress: Optional[Progress] = None) -> None:
     """Fixed-mode landscape probes due before this step, each on its run's current weights."""
+    progress = progress or Progress()
     due = [r for r in stepper.runs  # every step: the cheap test first
            if r.analysis is not None and r.analysis.next_probe_step == r.state.step and r.healthy]
     if due:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from normbench.config import RunConfig, dump_config
 from normbench.errors import UserError
 from normbench.evaluation import sum_dtype
-from normbench.progress import Progress
+from normbench.progress import PrefixedMessages, Progress
 from normbench.training.loop import train_loop
 from normbench.training.packing import pack_key, pack_models, unpack_state, unpack_tensor, why_not_packable
 from normbench.training.records import check_summary_data, completed_result
@@ -199,7 +199,8 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None,
     members = []
     for idx in todo:
         cfg = cfgs[idx]
-        run = Run(cfg, RunDir(cfg.run_dir()), Progress(), data=data)
+        run = Run(cfg, RunDir(cfg.run_dir()), PrefixedMessages(progress, f"{cfg.run_name} (seed {cfg.seed}): "),
+                  data=data)
         if idx in recorded:
             check_summary_data(run.run_dir.path, recorded[idx], data.identity, cfg)
         run.resume_or_start()

@@ -13,9 +13,12 @@ def evaluations_due_after(cfg, epochs_done: int) -> int:
 
 
 def has_running_stats(model) -> bool:
-    """Whether precise BN has statistics to recompute (normbench.analysis.batch_stats)."""
-    return any(name.rsplit(".", 1)[-1].startswith("running") and b.is_floating_point()
-               for name, b in model.named_buffers())
+    """Whether precise BN has statistics to recompute: the rule of
+    :func:`normbench.analysis.batch_stats.running_stat_layers`, which the measurement uses."""
+    from normbench.analysis.batch_stats import running_stat_layers
+    from normbench.analysis.common import unwrap
+
+    return bool(running_stat_layers(unwrap(model)))
 
 
 @dataclass
@@ -47,7 +50,9 @@ def final_work(runs) -> FinalWork:
         parts = []
         if a.gap:
             b = r.cfg.train.batch_size
-            usable = n_test - n_test % b if n_test >= b else n_test
+            from normbench.evaluation import images_evaluated
+
+            usable = images_evaluated(n_test, b, train_mode=True)
             work.forward_images += usable
             parts.append(f"train-mode evaluation ({usable:,} test images at batch {b})")
         if r.cfg.analysis.precise_bn and has_running_stats(r.model):

@@ -92,7 +92,8 @@ class Run:
         self.note: Optional[str] = None
         self.last_record: dict = {}
         self.tb: Optional[TensorBoardLog] = None
-        progress.message(device_line(cfg.device, self.device))  # once set up: a failed set-up says one line
+        if data is None:  # once set up: a failed set-up says one line (a caller that gave the data said it)
+            progress.message(device_line(cfg.device, self.device))
 
     # -- what measurements see (normbench.analysis.hooks.RunView) ---------------------------------
     @property
