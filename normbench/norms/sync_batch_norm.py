@@ -23,6 +23,28 @@ from torch import nn
 from normbench.norms.batch_norm import BatchNorm2d
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: y = sum_r x_r on every rank. Each rank's y feeds its
+    own loss L_r and the total is sum_r L_r, so dL/dx_r = sum_r' dL_r'/dy: the backward is
+    the same all-reduce of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return AllReduceSum.apply(x)
+
+
 def global_moments(x: torch.Tensor, reduce_sum) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, per-channel mean, biased per-channel variance) of ``x`` (N, C, H, W) over (N, H, W)
     of every rank, where ``reduce_sum`` is a differentiable sum over ranks: the mean first,
@@ -58,9 +80,7 @@ class SyncBatchNorm2d(BatchNorm2d):
                 SyncBatchNorm2d._warned = True
                 print("normbench: syncbn outside torchrun: using plain BatchNorm", file=sys.stderr)
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        n, mean, var = global_moments(x, all_reduce)
+        n, mean, var = global_moments(x, all_reduce_sum)
         c = self.num_features
         with torch.no_grad():
             self.num_batches_tracked += 1
