@@ -100,18 +100,23 @@ def test_unpackable_cells_are_named(tiny_cfg):
     assert pack_key(tiny_cfg(seed=0)) != pack_key(tiny_cfg(seed=0, **{"train.batch_size": 10}))
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_packed_members_and_resume_equals_uninterrupted(tiny_cfg, tmp_path):
-    """SIGTERM during packed training: every member checkpoints and is marked interrupted;
-    training the pack again resumes and ends bit-identical to a pack never interrupted."""
+def whole_and_cut_packs(tiny_cfg, tmp_path, at_step: int = 4):
+    """Two packs of seeds 0 and 1 (2 epochs): one trained through, one sent SIGTERM at
+    ``at_step``; (the whole pack's configs, the cut pack's, the cut pack's summaries)."""
     import signal
 
     common = {"train.epochs": 2, "train.log_every": 2}
     whole = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "whole")}, **common) for s in range(2)]
     cut = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "cut")}, **common) for s in range(2)]
     train_packed(whole)
+    return whole, cut, train_packed(cut, progress=SignalAtStep(at_step, signal.SIGTERM))
 
-    first = train_packed(cut, progress=SignalAtStep(4, signal.SIGTERM))
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_packed_members_and_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+    """SIGTERM during packed training: every member checkpoints and is marked interrupted;
+    training the pack again resumes and ends bit-identical to a pack never interrupted."""
+    whole, cut, first = whole_and_cut_packs(tiny_cfg, tmp_path)
     assert [s["status"] for s in first] == ["interrupted", "interrupted"]
     assert all(s["steps"] == 4 for s in first)
     assert all(RunDir(c.run_dir()).load_checkpoint() is not None for c in cut)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SignalAtStep, run_cli
+from conftest import REPO, run_cli
 from normbench.sweep.cell import ATTEMPT_MARK, run_cell
 from normbench.sweep.tasks import CellTask, PackTask
 from normbench.tracking import RunDir
-from normbench.training.packed import train_packed
+from test_packed import whole_and_cut_packs
 from test_sweep import summaries, write_sweep
 
 
@@ -50,11 +50,7 @@ def test_rerun_failed_retrains_failed_pack_members_from_scratch(tiny_cfg, tmp_pa
     """A pack that failed on a damaged checkpoint: a plain sweep keeps the failure (naming
     --rerun-failed); --rerun-failed trains both members from step 0, ending bit-identical to
     a pack never interrupted (resuming would meet the damaged checkpoint again)."""
-    common = {"train.epochs": 2, "train.log_every": 2}
-    whole = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "whole")}, **common) for s in range(2)]
-    cut = [tiny_cfg(seed=s, **{"log.out_dir": str(tmp_path / "cut")}, **common) for s in range(2)]
-    train_packed(whole)
-    first = train_packed(cut, progress=SignalAtStep(4, signal.SIGTERM))
+    whole, cut, first = whole_and_cut_packs(tiny_cfg, tmp_path)
     assert [s["status"] for s in first] == ["interrupted", "interrupted"]
     ckpt = cut[0].run_dir() / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])  # truncated
