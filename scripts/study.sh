@@ -8,6 +8,11 @@
 #   scripts/study.sh collect   # copy finished runs (no checkpoints, no event files) into results/
 #                              # and stage them for commit
 #   scripts/study.sh stop      # SIGTERM: every cell checkpoints and the sweep exits
+#   scripts/study.sh wall      # the wall time the study has used, by segment (scripts/study_wall_time.py)
+#
+# While the sweeps run, a heartbeat file holds the last time they were seen alive (every 30 s);
+# the next start writes it into the log as "=== <time> last seen running", and the sweeps'
+# own end writes "=== <time> sweeps ended", so every segment's length is known.
 #
 # The pinned commit is results/converged/PINNED_COMMIT; the study lives in
 # ${NORMBENCH_STUDY_HOME:-~/normbench-study}: src/ (a clone checked out at that commit),
@@ -21,6 +26,13 @@ pidfile="$home/study.pid"
 studies=(converged converged_controls)
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+heartbeat() {  # write the time into $home/heartbeat every 30 s while process $1 lives
+    while kill -0 "$1" 2>/dev/null; do
+        date -u '+%Y-%m-%d %H:%M:%S' > "$home/heartbeat.tmp" && mv "$home/heartbeat.tmp" "$home/heartbeat"
+        sleep 30
+    done
+}
 
 checkout() {
     mkdir -p "$home"
@@ -41,11 +53,24 @@ start)
     venv=$("$src/scripts/setup_env.sh" | tail -n 1)
     cmd="cd '$src' && '$venv/bin/normbench' sweep configs/sweeps/converged.yaml --out '$home/converged/runs' \
 --pack 4 --pack-max-batch 8 --no-progress && '$venv/bin/normbench' sweep configs/sweeps/converged_controls.yaml \
---out '$home/converged_controls/runs' --no-progress"
+--out '$home/converged_controls/runs' --no-progress; echo \"=== \$(date -u '+%Y-%m-%d %H:%M:%S') sweeps ended\""
+    if [ -f "$home/heartbeat" ]; then
+        echo "=== $(cat "$home/heartbeat") last seen running" >> "$home/study.log"
+        rm -f "$home/heartbeat"
+    fi
     echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') start at $commit" >> "$home/study.log"
     nohup setsid bash -c "$cmd" >> "$home/study.log" 2>&1 &
-    echo $! > "$pidfile"
-    echo "study: started (pid $!), log $home/study.log"
+    pid=$!
+    echo "$pid" > "$pidfile"
+    nohup setsid "$0" heartbeat "$pid" > /dev/null 2>&1 &
+    echo "study: started (pid $pid), log $home/study.log"
+    ;;
+heartbeat)
+    heartbeat "$2"
+    ;;
+wall)
+    python3 "$repo/scripts/study_wall_time.py" "$home/study.log" --runs "$home/converged/runs" \
+        --runs "$home/converged_controls/runs"
     ;;
 status)
     if running; then echo "study: running (pid $(cat "$pidfile"))"; else echo "study: not running"; fi
@@ -74,11 +99,16 @@ collect)
         python3 "$repo/scripts/check_study_runs.py" "$repo/results/$s/runs" \
             || echo "study: the runs above lack an evaluation; retrain them before they enter a table" >&2
     done
+    if [ -f "$home/study.log" ]; then  # the wall-time ledger travels with the runs
+        python3 "$repo/scripts/study_wall_time.py" "$home/study.log" --runs "$home/converged/runs" \
+            --runs "$home/converged_controls/runs" --markdown "$repo/results/converged/wall_time.md" > /dev/null
+        (cd "$repo" && git add results/converged/wall_time.md)
+    fi
     ;;
 stop)
     if running; then kill -TERM -- "-$(cat "$pidfile")" 2>/dev/null || kill -TERM "$(cat "$pidfile")"; echo "study: stopping"; \
     else echo "study: not running"; fi
     ;;
 *)
-    echo "usage: scripts/study.sh start|status|collect|stop" >&2; exit 2 ;;
+    echo "usage: scripts/study.sh start|status|collect|stop|wall" >&2; exit 2 ;;
 esac
