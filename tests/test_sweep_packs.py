@@ -116,7 +116,7 @@ def test_a_pack_whose_lead_another_process_holds_trains_the_rest_then_waits_for_
         holder.wait()
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
-    assert "3 to train as 1 tasks (seeds packed)" in res.stdout, res.stdout
+    assert "3 to train as 1 task (seeds packed)" in res.stdout, res.stdout
     assert f"[wait] {cells[0].name}: being trained by" in res.stdout, res.stdout
     runs = summaries(out)
     assert sorted(s["status"] for s in runs.values()) == ["completed"] * 3

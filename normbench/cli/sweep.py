@@ -92,7 +92,8 @@ def sweep(
         display = sw.make_display(no_progress)
         sw.write_manifest(spec)
         n_skip, n_train = len(plan.skipped), sum(len(t.cell_tasks) for t in plan.tasks)
-        packs = f" as {len(plan.tasks)} tasks (seeds packed)" if n_train != len(plan.tasks) else ""
+        n_tasks = len(plan.tasks)
+        packs = f" as {n_tasks} task{'s' if n_tasks != 1 else ''} (seeds packed)" if n_train != n_tasks else ""
         display.message(f"sweep {sweep_path.name}: {len(spec.cells)} cells in {spec.out_dir}; {n_train} to "
                         f"train{packs}, {n_skip} already recorded; backend {backend}"
                         + (f", {min(n_workers, max(1, len(plan.tasks)))} worker(s)" if backend == "local" else "")
