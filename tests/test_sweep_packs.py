@@ -151,3 +151,13 @@ def test_a_worker_killed_mid_cell_fails_the_sweep_and_the_cell_resumes(tmp_path,
     again = run_cli("sweep", str(path), "--workers", "1", "--threads-per-worker", "1", "--no-progress")
     assert again.returncode == 0, again.stdout + again.stderr
     assert [s["status"] for s in summaries(out).values()] == ["completed"]
+
+
+def test_a_crashed_pack_reports_every_member(tiny_cfg):
+    from normbench.sweep.tasks import CellResult
+
+    cfgs = [tiny_cfg(seed=s) for s in range(3)]
+    result = CellResult.crashed(pack_of(cfgs), "worker process died (exit code -9) while training this cell")
+    assert [(r.index, r.status, r.error[:20]) for r in result.cell_results] == \
+        [(i, "failed", "worker process died ") for i in range(3)]
+    assert [r.name for r in result.cell_results] == [c.run_name for c in cfgs]

@@ -149,8 +149,13 @@ class CellResult:
 
     @classmethod
     def crashed(cls, task: Task, error: str) -> CellResult:
-        """A task whose worker failed outside the run itself (died, or a bug in the sweep)."""
-        return cls.of(task, "trained", {"status": "failed"}, error=error)
+        """A task whose worker failed outside the run itself (died, or a bug in the sweep);
+        a pack's result names every member."""
+        result = cls.of(task, "trained", {"status": "failed"}, error=error)
+        if isinstance(task, PackTask):
+            result = result.with_members("trained", [cls.of(m, "trained", {"status": "failed"}, error=error)
+                                                     for m in task.members])
+        return result
 
     def with_members(self, outcome: Outcome, members: list[CellResult]) -> CellResult:
         return replace(self, outcome=outcome, members=tuple(members))
