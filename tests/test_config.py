@@ -110,14 +110,20 @@ def test_print_config_and_dry_run():
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = ("import sys, time; t=time.perf_counter(); sys.argv=['normbench','--help']\n"
+    """--help costs little CPU because it imports none of the heavy modules. Measured in CPU
+    seconds, not wall time: on a busy machine (a study training, parallel test workers) the
+    wall time grows with the contention, the work does not."""
+    import resource
+
+    code = ("import sys, time; t=time.process_time(); sys.argv=['normbench','--help']\n"
             "from normbench.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
-            "print('ELAPSED', time.perf_counter()-t)")
-    t0 = time.perf_counter()
+            "print('CPU', time.process_time()-t)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert out.returncode == 0, out.stderr
-    assert wall < 1.5  # interpreter start included; the import + help itself is below:
-    assert float(out.stdout.split("ELAPSED")[-1]) < 0.5
+    whole = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert whole < 1.5  # interpreter start included; the import + help itself is below:
+    assert float(out.stdout.split("CPU")[-1]) < 0.5
