@@ -161,3 +161,25 @@ def test_a_crashed_pack_reports_every_member(tiny_cfg):
     assert [(r.index, r.status, r.error[:20]) for r in result.cell_results] == \
         [(i, "failed", "worker process died ") for i in range(3)]
     assert [r.name for r in result.cell_results] == [c.run_name for c in cfgs]
+
+
+def test_the_view_counts_a_locked_member_as_a_task_to_come_and_says_when_it_will_not(tiny_cfg):
+    import io
+
+    from normbench.sweep.display import PlainSweepDisplay
+    from normbench.sweep.tasks import CellResult
+
+    cfgs = [tiny_cfg(seed=s) for s in range(2)]
+    task = pack_of(cfgs)
+    members = [CellResult.of(task.members[0], "locked", holder="1234@host"),
+               CellResult.of(task.members[1], "trained", {"status": "completed", "final_test_acc": 0.5})]
+    result = CellResult.of(task.members[0], "locked", holder="1234@host").with_members("trained", members)
+    for waits, total, said in [(True, 2, "will wait for it at the end"),
+                               (False, 1, "not waited for: the sweep is stopping")]:
+        out = io.StringIO()
+        view = PlainSweepDisplay(stream=out)
+        view.begin(1)
+        view.finished(result, waits=waits)
+        lines = out.getvalue().splitlines()
+        assert lines[0] == f"[wait] {cfgs[0].run_name}: being trained by 1234@host; {said}", lines
+        assert lines[1].startswith(f"[1/{total}] {cfgs[1].run_name}: completed, test acc 50.00%"), lines

@@ -30,7 +30,9 @@ class SweepDisplay:
     def step(self, index: int, step: int, eta: Optional[float] = None) -> None: ...
     def phase(self, index: int, step: int, text: Optional[str], eta: Optional[float] = None) -> None: ...
     def tick(self) -> None: ...
-    def finished(self, result: CellResult) -> None: ...
+    def finished(self, result: CellResult, waits: bool = True) -> None:
+        """A task ended; its cells another process held are waited for at the end (``waits``),
+        or not (the sweep is stopping)."""
     def message(self, text: str) -> None: ...
     def end(self, show_results: bool = True) -> None:
         """Stop the view; print the sweep's results table unless ``show_results`` is False
@@ -49,8 +51,9 @@ def locked_cells(result: CellResult) -> list[CellResult]:
     return [r for r in result.cell_results if r.outcome == "locked"]
 
 
-def wait_line(result: CellResult) -> str:
-    return f"{result.name}: being trained by {result.holder}; will wait for it at the end"
+def wait_line(result: CellResult, waits: bool = True) -> str:
+    then = "will wait for it at the end" if waits else "not waited for: the sweep is stopping"
+    return f"{result.name}: being trained by {result.holder}; {then}"
 
 
 def result_line(result: CellResult) -> str:
@@ -114,10 +117,11 @@ class SweepCounts:
         self.phases.pop(index, None)
         self.cell_eta.pop(index, None)
 
-    def come_back(self, result: CellResult, locked: int) -> None:
+    def come_back(self, result: CellResult, locked: int, waits: bool = True) -> None:
         """``locked`` cells of a finished task become tasks of their own, run at the end (a
-        wholly locked task stands for one of them)."""
-        self.total += locked - (result.outcome == "locked")
+        wholly locked task stands for one of them); none when the sweep does not wait."""
+        if waits:
+            self.total += locked - (result.outcome == "locked")
 
     def finish(self, index: int) -> None:
         self.done += 1
@@ -231,13 +235,13 @@ class PlainSweepDisplay(ResultsAtEnd, SweepDisplay):
         self.c.set_phase(index, text)
         self.tick()
 
-    def finished(self, result):
+    def finished(self, result, waits=True):
         self.c.stop(result.index)
         self._learn_out_dir(result)
         locked = locked_cells(result)
         for cell in locked:
-            self._print(f"[wait] {wait_line(cell)}")
-        self.c.come_back(result, len(locked))
+            self._print(f"[wait] {wait_line(cell, waits)}")
+        self.c.come_back(result, len(locked), waits)
         if result.outcome == "locked":
             return
         self.c.finish(result.index)
@@ -324,15 +328,15 @@ class RichSweepDisplay(ResultsAtEnd, SweepDisplay):
         if self.overall is not None:
             self._refresh()
 
-    def finished(self, result):
+    def finished(self, result, waits=True):
         self.c.stop(result.index)
         self._learn_out_dir(result)
         if result.index in self.tasks:
             self.bar.remove_task(self.tasks.pop(result.index))
         locked = locked_cells(result)
         for cell in locked:
-            self.console.print(f"[yellow]wait[/] {wait_line(cell)}", highlight=False)
-        self.c.come_back(result, len(locked))
+            self.console.print(f"[yellow]wait[/] {wait_line(cell, waits)}", highlight=False)
+        self.c.come_back(result, len(locked), waits)
         if result.outcome != "locked":
             self.c.finish(result.index)
             for cell in result.cell_results:

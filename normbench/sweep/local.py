@@ -243,7 +243,7 @@ class _LocalRun:
         """A task ended: its cells' results, and the cells another process held deferred."""
         self.outstanding.discard(index)
         self.unclaimed.pop(index, None)
-        self.display.finished(result)
+        self.display.finished(result, waits=not self.stopping)
         results, later = settle(self.sent[index], result, defer=not self.stopping)
         for r in results:
             self.results[r.index] = r
