@@ -46,25 +46,63 @@ def test_force_retrains_every_finished_member_of_a_pack(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_rerun_failed_retrains_failed_pack_members_from_scratch(tiny_cfg, tmp_path):
-    """A pack that failed on a damaged checkpoint: a plain sweep keeps the failure (naming
-    --rerun-failed); --rerun-failed trains both members from step 0, ending bit-identical to
-    a pack never interrupted (resuming would meet the damaged checkpoint again)."""
+def test_a_damaged_member_fails_alone_and_rerun_failed_retrains_it_from_scratch(tiny_cfg, tmp_path):
+    """A pack cut mid-training, then one member's checkpoint damaged: that member is recorded
+    failed (naming --rerun-failed) and the other resumes and completes without it; a plain
+    sweep leaves the failure alone; --rerun-failed retrains the damaged member from step 0,
+    ending bit-identical to the same run trained once, uninterrupted (resuming would meet the
+    damaged checkpoint again)."""
+    from normbench.training.entry import train
+
     whole, cut, first = whole_and_cut_packs(tiny_cfg, tmp_path)
     assert [s["status"] for s in first] == ["interrupted", "interrupted"]
     ckpt = cut[0].run_dir() / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])  # truncated
+    healthy_steps = [r.get("step") for r in RunDir(cut[1].run_dir()).read_metrics()]
 
-    failed = run_cell(pack_of(cut))
-    assert [r.status for r in failed.members] == ["failed", "failed"]
-    assert "--rerun-failed" in failed.members[0].note, failed.members[0].note
+    after = run_cell(pack_of(cut))
+    assert [r.status for r in after.members] == ["failed", "completed"], [r.note for r in after.members]
+    assert "--rerun-failed" in after.members[0].note, after.members[0].note
+    assert "checkpoint" in RunDir(cut[0].run_dir()).error_log.read_text()
+    resumed = [r.get("step") for r in RunDir(cut[1].run_dir()).read_metrics()]
+    assert resumed[: len(healthy_steps)] == healthy_steps and len(resumed) > len(healthy_steps)  # resumed, not redone
     assert [r.outcome for r in run_cell(pack_of(cut)).members] == ["skipped", "skipped"]  # recorded: left alone
 
     rerun = run_cell(pack_of(cut, mode="rerun"))
-    assert [r.status for r in rerun.members] == ["completed", "completed"], [r.note for r in rerun.members]
-    for a, b in zip(whole, cut):
-        wa, wb = weights(a), weights(b)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), b.run_name
+    assert [(r.outcome, r.status) for r in rerun.members] == [("trained", "completed"), ("skipped", "completed")]
+    once = tiny_cfg(seed=0, **{"log.out_dir": str(tmp_path / "once"), "train.epochs": 2, "train.log_every": 2})
+    train(once)
+    wa, wb = weights(once), weights(cut[0])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_a_member_resumed_on_other_data_is_refused_untouched_and_the_other_trains(tiny_cfg, tmp_path):
+    """A member whose checkpoint was made on other data: refused, its results (everything
+    but the attempt's train.log) left byte for byte as they were; the other member resumes
+    and completes without it."""
+    _, cut, _ = whole_and_cut_packs(tiny_cfg, tmp_path)
+    run_dir = RunDir(cut[0].run_dir())
+    state = run_dir.load_checkpoint()
+    state["data"] = {**state.get("data", {}), "fingerprint": "0" * 16}
+    run_dir.save_checkpoint(state)
+    before = {p.name: p.read_bytes() for p in cut[0].run_dir().iterdir() if p.is_file() and p.name not in (".lock", "train.log")}
+
+    after = run_cell(pack_of(cut))
+    assert [(r.outcome, r.status) for r in after.members] == [("refused", None), ("trained", "completed")], \
+        [(r.outcome, r.status, r.note) for r in after.members]
+    assert "other data" in after.members[0].error
+    assert {p.name: p.read_bytes() for p in cut[0].run_dir().iterdir() if p.is_file() and p.name not in (".lock", "train.log")} == before
+
+
+def test_a_pack_whose_every_member_is_damaged_fails_every_member(tiny_cfg, tmp_path):
+    cfgs = [tiny_cfg(seed=s, **{"train.epochs": 2}) for s in range(2)]
+    for c in cfgs:
+        RunDir(c.run_dir()).create()
+        (c.run_dir() / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    after = run_cell(pack_of(cfgs))
+    assert [r.status for r in after.members] == ["failed", "failed"], [r.note for r in after.members]
+    assert all("corrupt" in r.note for r in after.members), [r.note for r in after.members]
 
 
 def test_a_member_left_alone_by_the_pack_keeps_its_own_decision(tiny_cfg):

@@ -165,10 +165,7 @@ def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[No
             print(text, flush=True)
             summary, _ = safe_summary(run_dir.path)
             if summary is None or summary.get("status") != "failed" or not run_dir.error_log.exists():
-                run_dir.error_log.write_text(text)
-                summary = failed_summary(cfg, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                                         run_dir)
-                run_dir.write_summary(summary)
+                summary = record_failure(cfg, run_dir, text, failure_note(err))
             one_line = str(err).splitlines()[0] if str(err) else type(err).__name__
             return CellResult.of(task, "trained", summary, error=one_line)
         print(f"=== {summary['status']} after {summary.get('steps')} steps", flush=True)
@@ -183,7 +180,7 @@ def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
     Each member starts fresh or resumes as it would alone (:func:`decide_cell`). The packed
     training writes each member's own run folder; its output goes to every member's
     train.log; its progress is reported under the pack task's index. Returns the lead
-    member's result with all members' results under ``members``."""
+    member's result with all members' results, in their order, under ``members``."""
     locks: list = []
     results: list[CellResult] = []
     try:
@@ -196,6 +193,7 @@ def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
     finally:
         for lock in locks:
             lock.release()
+    results.sort(key=lambda r: r.index)  # the members' order, whichever were trained
     lead = next((r for r in results if r.index == task.index), results[0])
     outcome = "trained" if any(r.outcome == "trained" for r in results) else lead.outcome
     return lead.with_members(outcome, results)
@@ -234,15 +232,27 @@ def _train_packed(members: list[tuple[CellTask, RunDir, bool]], notify: Optional
 
     log = members[0][1].path / TRAIN_LOG
     names = ", ".join(m.name for m, _, _ in members)
-    results = []
+    refused: dict[int, OtherDataError] = {}
+
+    def left_out(idx: int, err: UserError) -> Optional[dict]:
+        """A member whose folder cannot be resumed: refused (other data, its folder left as
+        it is) or recorded as failed; the other members train without it."""
+        member, run_dir, _ = members[idx]
+        err = sweep_remedy(err)
+        print(f"{member.name}: {err}", flush=True)
+        if isinstance(err, OtherDataError):
+            refused[idx] = err
+            return None
+        return record_failure(member.config, run_dir, f"{err}\n", failure_note(err))
+
     with redirect_output(log):
         print(f"\n{ATTEMPT_MARK} packed x{len(members)}: {names} (pid {os.getpid()}, "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
         try:
             summaries = train_packed([m.config for m, _, _ in members],
                                      progress=cell_progress(notify, progress_index),
-                                     fresh=[fresh for _, _, fresh in members])
-        except OtherDataError as err:  # a member's checkpoint: leave every folder as it is
+                                     fresh=[fresh for _, _, fresh in members], on_member_error=left_out)
+        except OtherDataError as err:  # not one member's folder: leave every folder as it is
             err = sweep_remedy(err)
             print(str(err), flush=True)
             return [CellResult.of(member, "refused", error=str(err)) for member, _, _ in members]
@@ -253,17 +263,32 @@ def _train_packed(members: list[tuple[CellTask, RunDir, bool]], notify: Optional
                 why = str(sweep_remedy(err))
                 text = why + "\n"
             print(text, flush=True)
-            summaries = []
-            for member, run_dir, _ in members:
-                run_dir.write_error_log(text)
-                run_dir.write_summary(failed_summary(member.config, f"packed training failed: {why}", run_dir))
-                summaries.append(run_dir.read_summary())
-    for (member, run_dir, _), summary in zip(members, summaries):
+            summaries = [record_failure(member.config, run_dir, text, f"packed training failed: {why}")
+                         for member, run_dir, _ in members]
+    results = []
+    for idx, ((member, run_dir, _), summary) in enumerate(zip(members, summaries)):
+        if idx in refused:
+            results.append(CellResult.of(member, "refused", error=str(refused[idx])))
+            continue
         if run_dir.path / TRAIN_LOG != log:
             with open(run_dir.path / TRAIN_LOG, "a") as f:
                 f.write(f"\n{ATTEMPT_MARK} packed with {names}: see {log}\n=== {summary.get('status')}\n")
         results.append(CellResult.of(member, "trained", summary))
     return results
+
+
+def failure_note(err: BaseException) -> str:
+    """A failed run's note: the error's type and first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def record_failure(cfg: RunConfig, run_dir: RunDir, text: str, note: str) -> dict:
+    """Record a run that failed before the engine could write its own summary: ``text`` as
+    its error log, a failed summary with ``note``; returns that summary."""
+    run_dir.write_error_log(text)
+    summary = failed_summary(cfg, note, run_dir)
+    run_dir.write_summary(summary)
+    return summary
 
 
 def failed_summary(cfg: RunConfig, note: str, run_dir: RunDir) -> dict:

@@ -11,13 +11,13 @@ evaluation, precise BN) run on each member's own model.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from normbench.config import RunConfig, dump_config
-from normbench.errors import UserError
+from normbench.errors import RunFolderError, UserError
 from normbench.evaluation import sum_dtype
 from normbench.progress import PrefixedMessages, Progress
 from normbench.training.loop import train_loop
@@ -149,14 +149,23 @@ class PackedStepper:
         return [{"loss": float(l) / n, "acc": int(c) / n} for l, c in zip(loss.tolist(), correct.tolist())]
 
 
+MemberError = Callable[[int, RunFolderError], Optional[dict]]
+
+
 def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None,
-                 fresh: Union[bool, Sequence[bool]] = False) -> list[dict]:
+                 fresh: Union[bool, Sequence[bool]] = False,
+                 on_member_error: Optional[MemberError] = None) -> list[Optional[dict]]:
     """Train runs that share a pack key as one packed network; returns their summaries.
 
     ``fresh``: start every member from scratch (True), or one flag per member (a sweep's
     ``--rerun-failed`` retrains a failed member while another resumes). Completed members
     are skipped; the rest must start from the same step (all new, or all resumed from
-    checkpoints at the same step), otherwise each trains alone."""
+    checkpoints at the same step), otherwise each trains alone; so does the one member left.
+
+    A member whose run folder cannot be resumed (a damaged checkpoint, results made on other
+    data) raises, unless ``on_member_error(index, error)`` is given: then that member is
+    left out untouched, the others train without it, and its entry in the returned list is
+    what the callback returned."""
     from normbench.data import data_identity, load_cifar10
     from normbench.device import device_line, resolve_device
     from normbench.tracking import RunDir
@@ -172,16 +181,26 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None,
     fresh_flags = [fresh] * len(cfgs) if isinstance(fresh, bool) else list(fresh)
     if len(fresh_flags) != len(cfgs):
         raise ValueError(f"train_packed: {len(fresh_flags)} fresh flags for {len(cfgs)} runs")
-    summaries: dict[int, dict] = {}
+    summaries: dict[int, Optional[dict]] = {}
     recorded: dict[int, dict] = {}
     todo = []
+
+    def leave_out(idx: int, err: RunFolderError) -> None:
+        if on_member_error is None:
+            raise err
+        summaries[idx] = on_member_error(idx, err)
+
     for idx, cfg in enumerate(cfgs):
         run_dir = RunDir(cfg.run_dir())
         run_dir.create()
         if fresh_flags[idx]:
             run_dir.wipe()
-        existing = run_dir.read_summary()
-        done = completed_result(run_dir, existing, cfg, lambda cfg=cfg: data_identity(cfg.data, progress.message))
+        try:
+            existing = run_dir.read_summary()
+            done = completed_result(run_dir, existing, cfg, lambda cfg=cfg: data_identity(cfg.data, progress.message))
+        except RunFolderError as err:
+            leave_out(idx, err)
+            continue
         if done is not None:
             summaries[idx] = done
         else:
@@ -196,23 +215,27 @@ def train_packed(cfgs: list[RunConfig], progress: Optional[Progress] = None,
         torch.set_num_threads(lead_cfg.threads)
     data = load_cifar10(lead_cfg.data, log=progress.message).to(device)
     progress.message(device_line(lead_cfg.device, device))
-    members = []
+    members: dict[int, Run] = {}
     for idx in todo:
         cfg = cfgs[idx]
         run = Run(cfg, RunDir(cfg.run_dir()), PrefixedMessages(progress, f"{cfg.run_name} (seed {cfg.seed}): "),
                   data=data)
-        if idx in recorded:
-            check_summary_data(run.run_dir.path, recorded[idx], data.identity, cfg)
-        run.resume_or_start()
+        try:
+            if idx in recorded:
+                check_summary_data(run.run_dir.path, recorded[idx], data.identity, cfg)
+            run.resume_or_start()
+        except RunFolderError as err:
+            leave_out(idx, err)
+            continue
         run.run_dir.write_config(dump_config(cfg))
-        members.append(run)
-    if len({m.state.step for m in members}) > 1:  # members at different points: no packing, each alone
-        for idx in todo:
+        members[idx] = run
+    if len(members) == 1 or len({m.state.step for m in members.values()}) > 1:  # no packing: each alone
+        for idx in members:
             summaries[idx] = train(cfgs[idx], progress=progress)
-        return [summaries[i] for i in range(len(cfgs))]
-    stop = StopFlag()
-    with stop.installed():
-        results = train_loop(PackedStepper(members), progress, stop)
-    for idx, m, summary in zip(todo, members, results):
-        summaries[idx] = {**summary, "run_dir": str(m.run_dir.path)}
+    elif members:
+        stop = StopFlag()
+        with stop.installed():
+            results = train_loop(PackedStepper(list(members.values())), progress, stop)
+        for (idx, m), summary in zip(members.items(), results):
+            summaries[idx] = {**summary, "run_dir": str(m.run_dir.path)}
     return [summaries[i] for i in range(len(cfgs))]
