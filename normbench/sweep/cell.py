@@ -177,7 +177,8 @@ def run_pack(task: PackTask, notify: Optional[Notify] = None) -> CellResult:
 
     Every member is locked first; members held by another process or already recorded are
     left out (a pack of one trains alone); the executor waits for the locked ones at the end.
-    Each member starts fresh or resumes as it would alone (:func:`decide_cell`). The packed
+    Each member starts fresh or resumes as it would alone (:func:`decide_cell`); one whose
+    folder cannot be resumed is recorded failed (or refused) alone while the rest train. The packed
     training writes each member's own run folder; its output goes to every member's
     train.log; its progress is reported under the pack task's index. Returns the lead
     member's result with all members' results, in their order, under ``members``."""
