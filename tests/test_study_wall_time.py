@@ -19,7 +19,6 @@ sweep converged.yaml: 4 cells
 stopping: running cells write a checkpoint and stop (run the sweep again to resume them)
 === 2026-01-01 13:30:15 last seen running
 === 2026-01-02 09:00:00 start at abc123
-[1/2] gn-b2-s0: completed, test acc 60.00%, 1h
 === 2026-01-02 09:45:30 sweeps ended
 """
 

@@ -62,9 +62,12 @@ class Dashboard:
             col_params=[api_pb2.ColParams(hparam=k, filter_discrete=struct_pb2.ListValue(
                 values=[struct_pb2.Value(string_value=v) for v in values])) for k, values in only.items()])
         response = list_session_groups.Handler(self.request_context, self.backend, "", request).run()
+        # a group's runs: its repeated field of records that carry a run status
+        runs_field = next(f.name for f in api_pb2.SessionGroup.DESCRIPTOR.fields
+                          if f.message_type is not None and "status" in f.message_type.fields_by_name)
         out = {}
         for group in response.session_groups:
-            for run in group.sessions:
+            for run in getattr(group, runs_field):
                 hparams = {k: json_format.MessageToDict(v) for k, v in group.hparams.items()}
                 metrics = {m.name.tag: m.value for m in run.metric_values}
                 out[run.name] = (hparams, api_pb2.Status.Name(run.status), metrics)
