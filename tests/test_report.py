@@ -494,9 +494,9 @@ def test_protocol_in_titles_is_read_from_the_summaries(tmp_path):
                 write_run(tmp_path, kind, batch, seed, acc=0.5, train__epochs=6)
     write_run(tmp_path, "gn", 32, 2, status="diverged", train__epochs=6)
     summaries = [r.summary for r in collect(tmp_path)]
-    assert protocol(summaries) == "ResNet-20 / CIFAR-10, 6 epochs, seeds 4/4/2/2 at batch 2/8/32/128"
+    assert protocol(summaries) == "ResNet-20 / CIFAR-10, 6 epochs, 4/4/2/2 seeds at batch 2/8/32/128"
     write_run(tmp_path, "ln", 2, 0, acc=0.5, train__epochs=6)
-    assert protocol([r.summary for r in collect(tmp_path)]).endswith("seeds 1–4/4/2/2 at batch 2/8/32/128")
+    assert protocol([r.summary for r in collect(tmp_path)]).endswith(", 1–4/4/2/2 seeds at batch 2/8/32/128")
 
 
 def test_curves_plot_is_written_from_the_metrics(tmp_path):
@@ -517,6 +517,26 @@ def test_curves_plot_is_written_from_the_metrics(tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / "accuracy_curves.png").read_bytes()[:8] == PNG_MAGIC
     assert f"wrote {out / 'accuracy_curves.png'}" in res.output
+
+
+def test_curves_legend_names_every_method_inside_the_figure(tmp_path):
+    """Eight methods at one batch size: a one-panel figure whose legend must wrap to fit."""
+    from normbench.report.plots import curves_figure
+
+    kinds = ("bn", "gn", "ln", "in", "frn", "ws_gn", "nf", "none")
+    for kind in kinds:
+        with_curve(write_run(tmp_path, kind, 2, 0, acc=0.5, clip="agc" if kind == "none" else "none"),
+                   {1: 0.3, 2: 0.5})
+    report = build_report(collect(tmp_path))
+    fig = curves_figure(report)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    (legend,) = fig.legends
+    assert len(legend.get_texts()) == len(kinds)
+    box, frame = legend.get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    panel = fig.axes[0].get_tightbbox(renderer)
+    assert box.y1 <= panel.y0  # below the panel's axis label, not over it
 
 
 def test_fixed_probe_table_leaves_out_lr_mode_runs(tmp_path):

@@ -61,6 +61,23 @@ def batch_axis(ax, batches: list[int]) -> None:
     ax.set_xlabel("batch size (images per step)")
 
 
+def figure_legend(fig, handles: list, labels: list, max_cols: int = 6, fontsize: float = 8,
+                  above: float = 0.03) -> float:
+    """A legend across the bottom of ``fig``, ``above`` (a figure fraction) the bottom edge to
+    leave room for a footnote, in the most columns (at most ``max_cols``) whose row still fits
+    the figure's width; returns the figure fraction up to the legend's top, for
+    ``tight_layout(rect=(0, that, 1, 1))``."""
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(max(1, min(len(handles), max_cols)), 0, -1):
+        legend = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, above), ncol=ncol,
+                            fontsize=fontsize, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.width <= 0.98 * fig.bbox.width or ncol == 1:
+            return above + box.height / fig.bbox.height + 0.01
+        legend.remove()
+    return above
+
+
 def figure(rows: int, cols: int, width: float, height: float, dpi: int = 150, **kw):
     """A matplotlib figure (Agg, no pyplot state) and its ``rows`` × ``cols`` grid of axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Optional
 
-from normbench.report.figures import batch_axis, check_plot_path, figure, save_figure
+from normbench.report.figures import batch_axis, check_plot_path, figure, figure_legend, save_figure
 from normbench.report.methods import method_sort_key
 from normbench.report.styles import assign_styles, protocol, style_key
 
@@ -211,10 +211,8 @@ def curves_figure(report):
     for j in range(len(batches), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
     fig.suptitle(f"test accuracy vs epoch\n{title_protocol(report.runs)}", fontsize=10)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6),
-               fontsize=8, frameon=False)
+    bottom = figure_legend(fig, list(handles.values()), list(handles))
     fig.text(0.99, 0.005, "lines: mean over the completed seeds; bands: lowest to highest seed", ha="right",
              va="bottom", fontsize=7, color="0.4")
-    legend_rows = (len(handles) + 5) // 6
-    fig.tight_layout(rect=(0, 0.03 + 0.035 * legend_rows, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig

@@ -126,7 +126,7 @@ def _range(values: list[int]) -> str:
 
 def protocol(summaries: Iterable[dict], group: Optional[Callable[[dict], str]] = None) -> str:
     """What the runs behind a plot are, for its title, read from their summaries, e.g.
-    ``ResNet-20 / CIFAR-10, 6 epochs, seeds 4/4/2/2 at batch 2/8/32/128``. Seeds: the
+    ``ResNet-20 / CIFAR-10, 6 epochs, 4/4/2/2 seeds at batch 2/8/32/128``: the number of
     completed runs per method at each batch size (``3–4`` when methods differ); ``group``
     names a run's method (default: its display name)."""
     group = group or (lambda s: display_name(s.get("config") or {}))
@@ -150,4 +150,5 @@ def protocol(summaries: Iterable[dict], group: Optional[Callable[[dict], str]] =
     batches = sorted(per)
     seeds = "/".join(_range([len(v) for v in per[b].values()]) for b in batches)
     ep = f"{epochs[0]} epoch{'s' if epochs[0] != '1' else ''}" if len(epochs) == 1 else f"epochs {'/'.join(epochs)}"
-    return f"{arch} / {data}, {ep}, seeds {seeds} at batch {'/'.join(map(str, batches))}"
+    noun = "seed" if seeds == "1" else "seeds"
+    return f"{arch} / {data}, {ep}, {seeds} {noun} at batch {'/'.join(map(str, batches))}"
