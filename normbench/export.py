@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from normbench.errors import UserError
-from normbench.model_io import first_problem, load_run_model
+from normbench.errors import UserError, first_line
+from normbench.model_io import load_run_model
 
 FORMATS = ("state_dict", "torchscript", "export")
 FILES = {"state_dict": "model.pt", "torchscript": "model.torchscript.pt", "export": "model.pt2"}
@@ -142,7 +142,7 @@ def export_model(model: nn.Module, fresh_model: Callable[[], nn.Module], out: Pa
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - a format the network cannot take: said, the rest written
-            diff, error = None, f"{type(err).__name__}: {first_problem(err)}"
+            diff, error = None, f"{type(err).__name__}: {first_line(err)}"
         else:
             error = None if diff <= bound else (f"the program read back differs from the network by {diff:.3g} "
                                                 f"(allowed {bound:.3g})")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from normbench.config import RunConfig, load_config, validate_config
-from normbench.errors import RunFolderError, UserError
+from normbench.errors import RunFolderError, UserError, first_line
 from normbench.tracking import RunDir
 
 UNUSABLE_REMEDY = "restore the file, or retrain the run (normbench train --fresh)"
@@ -143,16 +143,6 @@ def check_final_checkpoint(run: RunDir, summary: Optional[dict], step: int) -> N
                         f"{summary.get('steps')}: it is not this run's final checkpoint; {UNUSABLE_REMEDY}")
 
 
-def first_problem(err: Exception) -> str:
-    """An error message as one line: its first line (after load_state_dict's "Error(s) in loading"
-    header), at most 240 characters."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
-        lines = lines[1:]
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
-
-
 def load_run_model(path, device: Optional[str] = None, checkpoint: Optional[Path] = None) -> RunModel:
     """Read the run in folder ``path`` and rebuild its network with the checkpoint's weights
     (``checkpoint``: another checkpoint file of this config; default the folder's own) on
@@ -182,7 +172,7 @@ def load_run_model(path, device: Optional[str] = None, checkpoint: Optional[Path
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {ckpt_path} does not fit the model {run.config} builds (a checkpoint of "
-                        f"another config?): {first_problem(err)}") from None
+                        f"another config?): {first_line(err)}") from None
     model.eval()
     return RunModel(run.path, cfg, summary, ckpt_path, step, dict(state.get("data") or {}), model, dev,
                     channels_last)

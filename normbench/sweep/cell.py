@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from normbench.config import RunConfig
-from normbench.errors import OtherDataError, UserError
+from normbench.errors import OtherDataError, UserError, first_line
 from normbench.runlock import LOCK_NAME
 from normbench.sweep.state import TRAIN_LOG, CellLock, RunRecord, judge_run, safe_summary, sweep_remedy
 from normbench.sweep.tasks import CellResult, CellTask, PackTask, Task
@@ -166,8 +166,8 @@ def train_cell(task: CellTask, run_dir: RunDir, fresh: bool, notify: Optional[No
             summary, _ = safe_summary(run_dir.path)
             if summary is None or summary.get("status") != "failed" or not run_dir.error_log.exists():
                 summary = record_failure(cfg, run_dir, text, failure_note(err))
-            one_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return CellResult.of(task, "trained", summary, error=one_line)
+            # the whole first line: a remedy after a long path stays whole
+            return CellResult.of(task, "trained", summary, error=first_line(err, limit=None))
         print(f"=== {summary['status']} after {summary.get('steps')} steps", flush=True)
     return CellResult.of(task, "trained", summary)
 
@@ -279,8 +279,8 @@ def _train_packed(members: list[tuple[CellTask, RunDir, bool]], notify: Optional
 
 
 def failure_note(err: BaseException) -> str:
-    """A failed run's note: the error's type and first line."""
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    """A failed run's note: the error's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).strip() and first_line(err, limit=None)}"
 
 
 def record_failure(cfg: RunConfig, run_dir: RunDir, text: str, note: str) -> dict:

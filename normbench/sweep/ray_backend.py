@@ -12,7 +12,7 @@ import traceback
 from dataclasses import replace
 from typing import Any, Optional
 
-from normbench.errors import UserError
+from normbench.errors import UserError, first_line
 from normbench.sweep.cell import run_cell
 from normbench.sweep.display import SweepDisplay
 from normbench.sweep.signals import install_interrupt_handler, restore_signal_handlers
@@ -42,11 +42,6 @@ def ray_gcs_address(address: str) -> str:
         return canonicalize_bootstrap_address_or_die(address)
     except (ConnectionError, ValueError) as err:
         raise UserError(f"--backend ray: --address {address}: {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def ray_use_local_token() -> None:
@@ -262,7 +257,7 @@ class RayExecutor:
                             raise UserError("--backend ray: the Ray workers cannot import normbench; install it "
                                             "on every node (pip install -e '.[ray]')") from None
                         result = CellResult.crashed(by_index[index],
-                                                    f"Ray task failed: {text.strip().splitlines()[0][:200]}")
+                                                    f"Ray task failed: {first_line(err)}")
                     self.display.finished(result)
                     cell_results, later = settle(by_index[index], result, defer=True)
                     results.update({r.index: r for r in cell_results})

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from normbench.config import RunConfig, deep_merge, load_config_dict, read_yaml, validate_config
-from normbench.errors import UserError, did_you_mean
+from normbench.errors import UserError, did_you_mean, first_line
 from normbench.sweep.keys import check_key, flatten, freeze, lookup, nest
 
 SWEEP_KEYS = ("description", "base", "out_dir", "name", "set", "grid", "rules")
@@ -291,8 +291,7 @@ def preflight_cells(cells: list[Cell]) -> None:
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         except (RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"{where}: the model fails a forward pass at batch {batch}: {first}") from None
+            raise UserError(f"{where}: the model fails a forward pass at batch {batch}: {first_line(err)}") from None
 
 
 def check_devices(cells: list[Cell]) -> None:
