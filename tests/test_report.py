@@ -127,6 +127,25 @@ def test_error_best_metric_and_method_split(tmp_path):
     assert acc.cell("gn groups=16", 4).best  # lowest error
 
 
+def test_a_row_trained_for_another_budget_names_its_budget_on_every_row(tmp_path):
+    """Controls with BN at 18 epochs beside no-norm runs at 6: no row is left to look like the
+    other protocol, though no two runs of one norm and batch differ in epochs."""
+    write_run(tmp_path, "bn", 128, 0, acc=0.9, train__epochs=18)
+    write_run(tmp_path, "none", 128, 0, acc=0.5, train__epochs=6)
+    write_run(tmp_path, "frn", 2, 0, acc=0.6, train__epochs=6, norm__frn_activation="relu")
+    report = build_report(collect(tmp_path))
+    acc = report.tables[0]
+    assert sorted(acc.methods) == ["bn epochs=18", "frn epochs=6", "none epochs=6"]
+    labels = {r.method: r.label for r in report.runs}
+    assert labels["bn epochs=18"] == "BN (epochs=18)"
+    assert labels["none epochs=6"] == "no norm, no clipping (epochs=6)"
+    assert labels["frn epochs=6"] == "FRN + ReLU (epochs=6)"
+    one_budget = tmp_path / "one"
+    write_run(one_budget, "bn", 128, 0, acc=0.9, train__epochs=6)
+    write_run(one_budget, "none", 2, 0, acc=0.5, train__epochs=6)
+    assert sorted(build_report(collect(one_budget)).tables[0].methods) == ["bn", "none"]
+
+
 def test_cli_files_plot_and_errors(runs_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"

@@ -2,8 +2,10 @@
 
 The row key is the norm kind, ``+clip mode`` when clipping is on (:func:`base_method`), plus
 ``key=value`` for every other config key that differs between runs of the same norm, clip
-and batch size (:func:`assign_methods`); the label is the display name of
-:mod:`normbench.report.styles` (BN, GN, no norm + AGC (λ 0.16), ...).
+and batch size (:func:`assign_methods`), and for a training-budget key (:data:`BUDGET_KEYS`)
+that differs anywhere in the report, so that a row trained for another budget says so
+(``BN (epochs=18)``); the label is the display name of :mod:`normbench.report.styles` (BN, GN,
+no norm + AGC (λ 0.16), ...).
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ METHOD_ORDER = ("bn", "ghost_bn", "brn", "ln", "gn", "in", "ws_gn", "frn", "evon
 IGNORED = ("name", "seed", "train.batch_size", "threads", "device", "data.root", "data.allow_download",
            "norm.kind", "clip.mode")
 IGNORED_PREFIXES = ("log.", "analysis.")
+# Config keys that set a run's training budget: when they differ anywhere in a report, every
+# row names its own, never only the rows that share a norm and batch size with another budget.
+BUDGET_KEYS = ("train.epochs", "data.train_subset")
 
 
 def base_method(config: dict) -> str:
@@ -51,8 +56,9 @@ def _short(value: Any) -> str:
 def assign_methods(runs: list) -> None:
     """Set ``method`` and ``label`` of each :class:`normbench.report.runs.Run`: label = base
     method, plus ``key=value`` for every config key that differs between runs sharing the base
-    method and batch size (seeds aside): such runs are different methods. A key absent from a
-    run (an older or partial config) is not a difference."""
+    method and batch size (seeds aside): such runs are different methods; plus a budget key
+    (:data:`BUDGET_KEYS`) on every run once it differs anywhere. A key absent from a run (an
+    older or partial config) is not a difference."""
     flat = [flatten_config(r.config) for r in runs]
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
@@ -66,6 +72,10 @@ def assign_methods(runs: list) -> None:
             values = {json.dumps(flat[i][key], sort_keys=True, default=str) for i in members if key in flat[i]}
             if len(values) > 1:
                 varying.setdefault(base, set()).add(key)
+    for key in BUDGET_KEYS:
+        if len({json.dumps(f[key], sort_keys=True, default=str) for f in flat if key in f}) > 1:
+            for run in runs:
+                varying.setdefault(base_method(run.config), set()).add(key)
     for i, run in enumerate(runs):
         base = base_method(run.config)
         keys = [k for k in sorted(varying.get(base, ())) if k in flat[i]]
