@@ -63,6 +63,7 @@ def test_a_damaged_member_fails_alone_and_rerun_failed_retrains_it_from_scratch(
     after = run_cell(pack_of(cut))
     assert [r.status for r in after.members] == ["failed", "completed"], [r.note for r in after.members]
     assert "--rerun-failed" in after.members[0].note, after.members[0].note
+    assert after.members[0].steps == first[0]["steps"] > 0  # how far it had got, not step 0
     assert "checkpoint" in RunDir(cut[0].run_dir()).error_log.read_text()
     resumed = [r.get("step") for r in RunDir(cut[1].run_dir()).read_metrics()]
     assert resumed[: len(healthy_steps)] == healthy_steps and len(resumed) > len(healthy_steps)  # resumed, not redone

@@ -293,7 +293,10 @@ def record_failure(cfg: RunConfig, run_dir: RunDir, text: str, note: str) -> dic
 
 
 def failed_summary(cfg: RunConfig, note: str, run_dir: RunDir) -> dict:
-    """The summary recorded for a run that failed before the engine could write its own."""
+    """The summary recorded for a run that failed before the engine could write its own; its
+    ``steps`` are those the folder's previous summary recorded (how far an interrupted run had
+    got before its checkpoint failed to load), None when it had none."""
+    previous, _ = safe_summary(run_dir.path)
     return {"status": "failed", "run_name": cfg.run_name, "run_id": cfg.config_hash(), "final_test_acc": None,
-            "best_test_acc": None, "steps": 0, "note": note, "error_log": str(run_dir.error_log),
-            "config": cfg.to_dict()}
+            "best_test_acc": None, "steps": (previous or {}).get("steps"), "note": note,
+            "error_log": str(run_dir.error_log), "config": cfg.to_dict()}
