@@ -558,6 +558,17 @@ def test_curves_legend_names_every_method_inside_the_figure(tmp_path):
     assert box.y1 <= panel.y0  # below the panel's axis label, not over it
 
 
+def test_no_curves_plot_from_runs_evaluated_once(tmp_path):
+    """One-epoch runs have a point each, no curve: no accuracy_curves file, no 'wrote' line."""
+    for kind in ("bn", "gn"):
+        with_curve(write_run(tmp_path / "runs", kind, 2, 0, acc=0.5, train__epochs=1), {1: 0.5})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--plot", str(out / "accuracy.png")])
+    assert res.exit_code == 0, res.output
+    assert (out / "accuracy.png").is_file() and not (out / "accuracy_curves.png").exists()
+    assert "accuracy_curves" not in res.output
+
+
 def test_fixed_probe_table_leaves_out_lr_mode_runs(tmp_path):
     from normbench.report.analysis_plots import probe_runs
 

@@ -9,7 +9,8 @@ SVG or PDF (by the file's extension; :mod:`normbench.report.figures`).
 * :func:`plot_curves` (``accuracy_curves.png`` beside it): one panel per batch size, one line
   per method: at each epoch the mean over the completed seeds of the ``test/acc`` records in
   their ``metrics.jsonl`` (the epochs every seed of the cell evaluated), and the band between
-  the lowest and the highest seed (``accuracy_curves.svg`` beside an SVG, and so on).
+  the lowest and the highest seed (``accuracy_curves.svg`` beside an SVG, and so on); not
+  drawn when no method was evaluated at two epochs or more.
 
 Every plot names a method by its display name and draws it in its fixed colour and marker
 (:mod:`normbench.report.styles`); titles carry the protocol read from the summaries
@@ -169,7 +170,7 @@ def curves(runs) -> dict[int, dict[str, list[tuple[float, float, float, float]]]
 
 def plot_curves(report, path: Path) -> Optional[Path]:
     """Test accuracy against epoch, one panel per batch size, written to ``path``; None when no
-    run logged any."""
+    method has a curve (two or more evaluations: a study of one-epoch runs has only points)."""
     path = check_plot_path(path)
     fig = curves_figure(report)
     return None if fig is None else save_figure(fig, path)
@@ -181,7 +182,7 @@ def curves_figure(report):
     from matplotlib.ticker import MaxNLocator
 
     data = curves(report.runs)
-    if not data:
+    if not any(len(pts) > 1 for methods in data.values() for pts in methods.values()):
         return None
     batches = sorted(data)
     cols = min(len(batches), 4)
