@@ -284,3 +284,20 @@ def test_analyze_prints_percent_and_points(capsys):
     for text in ("71.21%", "68.98%", "-2.23 pts", "70.49%", "12.50%", "% of channels", "50.00%"):
         assert text in out, (text, out)
     assert "0.7121" not in out and "0.125" not in out
+
+
+def test_a_tall_figure_keeps_its_rows_below_its_two_line_title():
+    """Six rows of panels (the lr-mode probe plot of a six-batch study): the suptitle sits
+    above every panel's title."""
+    from normbench.report.figures import figure, title_and_layout
+
+    fig, axes = figure(6, 3, 15.0, 21.6)
+    for row in axes:
+        for ax in row:
+            ax.set_title("batch 128: gradient predictiveness, ||g_s - g||")
+            ax.set_xlabel("epoch")
+    text = title_and_layout(fig, "landscape probe along each training step (lr mode)\nResNet-20 / CIFAR-10, 1 epoch")
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    title = text.get_window_extent(renderer)
+    assert all(title.y0 >= ax.get_tightbbox(renderer).y1 for row in axes for ax in row)

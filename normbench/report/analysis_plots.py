@@ -33,9 +33,11 @@ Plots (``.png`` below; ``.svg`` or ``.pdf`` when asked):
   centred running median over 5 probes.
 * ``analysis_probe_vs_batch.png``: the same three quantities against the batch size (log2
   axis, largest batch left as in the accuracy plot): per run the median over its probes, then
-  the mean over seeds. Beta is per unit step and compares across batch sizes; the loss range
-  and the gradient change scale with the step (lr = 0.1 B/128 in the study), so compare
-  methods within a batch size. lr-mode runs only.
+  the mean over seeds. All three are measured along the run's own step (lr times the
+  gradient, lr = 0.1 B/128 in the study): the loss range and the gradient change scale with
+  it, and beta, though per unit step, still depends on it (the gradient change does not grow
+  linearly with the step), so compare methods within a batch size; across batch sizes only
+  the fixed probe compares one landscape. lr-mode runs only.
 * ``analysis_probe_fixed.png``: runs probed with ``analysis.probe_mode: fixed`` (the same
   distances at every batch size and lr): per run ``probe_beta_median`` and
   ``probe_linearity_median``, against the batch size, mean over seeds with 95% t-intervals.
@@ -53,7 +55,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Optional
 
-from normbench.report.figures import batch_axis, figure, plot_format, save_figure
+from normbench.report.figures import batch_axis, figure, plot_format, save_figure, title_and_layout
 from normbench.report.methods import base_method, method_sort_key
 from normbench.report.stats import interval
 from normbench.report.styles import Style, assign_styles, display_name, protocol, style_key
@@ -82,7 +84,8 @@ def _fixed(summary: dict) -> bool:
 
 
 def _title(fig, what: str, summaries: list[dict]) -> None:
-    fig.suptitle(f"{what}\n{protocol(summaries)}", fontsize=10)
+    """The figure's two-line title (what it shows, the protocol) and its layout below it."""
+    title_and_layout(fig, f"{what}\n{protocol(summaries)}")
 
 
 def _kind(summary: dict) -> str:
@@ -201,7 +204,6 @@ def plot_bn_gap(summaries: list[dict], path: Path, colours: dict) -> Optional[Pa
                       names, fontsize=7, title="statistics", title_fontsize=7)
     _title(fig, "batch-statistics methods: test accuracy by the statistics used",
            [s for by_batch in cells.values() for runs in by_batch.values() for s in runs])
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -285,12 +287,11 @@ def plot_probe(rows: dict[int, dict[str, list[list[dict]]]], path: Path,
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
         beta_ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"landscape probe along each training step (lr mode)\n{protocol_line}", fontsize=10)
-    fig.tight_layout()
+    title_and_layout(fig, f"landscape probe along each training step (lr mode)\n{protocol_line}")
     return save_figure(fig, path)
 
 
-PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "comparable across batch sizes (per unit step)",
+PROBE_SUMMARY = (("probe/beta", "effective beta-smoothness", "per unit step, but the step is lr·g, lr ∝ batch",
                   "‖Δg‖/t"),
                  ("probe/grad_pred", "gradient change ||g_s - g||", "scales with the step: compare within a batch size",
                   "‖Δg‖"),
@@ -324,9 +325,7 @@ def plot_probe_vs_batch(rows: dict[int, dict[str, list[list[dict]]]], path: Path
         ax.set_title(f"{title}\n({note})", fontsize=10)
         ax.set_ylabel(f"median over the run's probes ({unit})")
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"landscape probe along each training step (lr mode), per batch size\n{protocol_line}",
-                 fontsize=10)
-    fig.tight_layout()
+    title_and_layout(fig, f"landscape probe along each training step (lr mode), per batch size\n{protocol_line}")
     return save_figure(fig, path)
 
 
@@ -381,7 +380,6 @@ def plot_probe_fixed(summaries: list[dict], path: Path, colours: dict) -> Option
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(f"median over the run's probes ({unit})")
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.suptitle("fixed landscape probe (same distances at every batch size and lr); mean over seeds, "
-                 f"95% t-intervals\n{protocol(done)}", fontsize=10)
-    fig.tight_layout()
+    title_and_layout(fig, "fixed landscape probe (same distances at every batch size and lr); mean over seeds, "
+                     f"95% t-intervals\n{protocol(done)}")
     return save_figure(fig, path)

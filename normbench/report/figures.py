@@ -78,6 +78,20 @@ def figure_legend(fig, handles: list, labels: list, max_cols: int = 6, fontsize:
     return above
 
 
+def title_and_layout(fig, title: str, fontsize: float = 10):
+    """Give ``fig`` its suptitle and ``tight_layout``, then lower the panels by as much as their
+    titles still run into it (on a tall figure the plain layout leaves too little room for a
+    two-line title); returns the title."""
+    text = fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    panels_top = max((ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_visible()), default=0.0)
+    overlap = panels_top - (text.get_window_extent(renderer).y0 - 0.05 * fig.dpi)  # and 0.05 in apart
+    if overlap > 0:
+        fig.subplots_adjust(top=fig.subplotpars.top - overlap / fig.bbox.height)
+    return text
+
+
 def figure(rows: int, cols: int, width: float, height: float, dpi: int = 150, **kw):
     """A matplotlib figure (Agg, no pyplot state) and its ``rows`` × ``cols`` grid of axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
