@@ -66,7 +66,7 @@ def figure_legend(fig, handles: list, labels: list, max_cols: int = 6, fontsize:
     """A legend across the bottom of ``fig``, ``above`` (a figure fraction) the bottom edge to
     leave room for a footnote, in the most columns (at most ``max_cols``) whose row still fits
     the figure's width; returns the figure fraction up to the legend's top, for
-    ``tight_layout(rect=(0, that, 1, 1))``."""
+    :func:`title_and_layout`'s ``bottom``."""
     renderer = fig.canvas.get_renderer()
     for ncol in range(max(1, min(len(handles), max_cols)), 0, -1):
         legend = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, above), ncol=ncol,
@@ -78,12 +78,13 @@ def figure_legend(fig, handles: list, labels: list, max_cols: int = 6, fontsize:
     return above
 
 
-def title_and_layout(fig, title: str, fontsize: float = 10):
-    """Give ``fig`` its suptitle and ``tight_layout``, then lower the panels by as much as their
-    titles still run into it (on a tall figure the plain layout leaves too little room for a
-    two-line title); returns the title."""
+def title_and_layout(fig, title: str, fontsize: float = 10, bottom: float = 0.0):
+    """Give ``fig`` its suptitle and ``tight_layout`` (the panels above ``bottom``, a figure
+    fraction kept for a legend), then lower the panels by as much as their titles still run
+    into it (on a tall figure the plain layout leaves too little room for a two-line title);
+    returns the title."""
     text = fig.suptitle(title, fontsize=fontsize)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     renderer = fig.canvas.get_renderer()
     panels_top = max((ax.get_tightbbox(renderer).y1 for ax in fig.axes if ax.get_visible()), default=0.0)
     overlap = panels_top - (text.get_window_extent(renderer).y0 - 0.05 * fig.dpi)  # and 0.05 in apart

@@ -25,7 +25,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Optional
 
-from normbench.report.figures import batch_axis, check_plot_path, figure, figure_legend, save_figure
+from normbench.report.figures import (batch_axis, check_plot_path, figure, figure_legend, save_figure,
+                                      title_and_layout)
 from normbench.report.methods import method_sort_key
 from normbench.report.styles import assign_styles, protocol, style_key
 
@@ -211,9 +212,8 @@ def curves_figure(report):
         ax.grid(True, alpha=0.3)
     for j in range(len(batches), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
-    fig.suptitle(f"test accuracy vs epoch\n{title_protocol(report.runs)}", fontsize=10)
     bottom = figure_legend(fig, list(handles.values()), list(handles))
     fig.text(0.99, 0.005, "lines: mean over the completed seeds; bands: lowest to highest seed", ha="right",
              va="bottom", fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    title_and_layout(fig, f"test accuracy vs epoch\n{title_protocol(report.runs)}", bottom=bottom)
     return fig
